@@ -1,0 +1,188 @@
+"""The `kprism` command line: segment, demo, models, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="Segment an image or volume with classes, references and/or prompts.",
+                       description="Segment IMAGE and write the result to OUT (.nii.gz, .nrrd, .mha, .png or .seg.nrrd). "
+                                   "Combine --classes or --reference (what) with --prompts and --init-mask (where).")
+    p.add_argument("image", help="2D image (PNG/JPG/TIFF), 3D volume (NIfTI/NRRD/MHA) or a DICOM series folder")
+    p.add_argument("--out", required=True, help="output label map or Slicer segmentation (.seg.nrrd)")
+    p.add_argument("--classes", help="comma-separated class names (semantic); see `kprism models list`")
+    p.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                   help="an in-context example: an image and a mask of the structure (repeatable)")
+    p.add_argument("--prompts", help="prompts.json with points, boxes and scribbles (schema in the README)")
+    p.add_argument("--init-mask", help="a mask to refine (on the image grid, or resampled onto it)")
+    p.add_argument("--modality", help="ct, mri, x-ray, ultrasound, ... (default: from the file, else unknown)")
+    p.add_argument("--axis", type=int, default=0, help="3D slicing axis of the LPS view: 0 axial (default), 1 coronal, 2 sagittal")
+    p.add_argument("--name", default="segment", help="segment name for in-context / interactive results")
+    p.add_argument("--overlay", help="also write a PNG quick look here")
+    _add_runtime(p)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model name or .safetensors path (default: the bundled kprism-tiny)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: 2 at most)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="kprism", description="K-Prism medical image segmentation: semantic, in-context and interactive.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    demo = sub.add_parser("demo", help="Run all three modes on the bundled sample cases and write an overview PNG.")
+    demo.add_argument("--out", default="kprism-demo", help="output folder (default: ./kprism-demo)")
+    _add_runtime(demo)
+    models = sub.add_parser("models", help="List, verify or download known models.")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list", help="known models, where each is found, and its classes")
+    verify = models_sub.add_parser("verify", help="check a model file's hash and that it loads strictly")
+    verify.add_argument("model", nargs="?", default=None, help="name or path (default: kprism-tiny)")
+    download = models_sub.add_parser("download", help="download a model into the Hugging Face cache (needs network)")
+    download.add_argument("name")
+    train = sub.add_parser("train", help="Train a model from a YAML or JSON config (see configs/).")
+    train.add_argument("config")
+    args = parser.parse_args(argv)
+    try:
+        return {"segment": _segment, "demo": _demo, "models": _models, "train": _train}[args.command](args)
+    except KeyboardInterrupt:
+        print("kprism: interrupted; no output was written partially.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"kprism: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _session(args: argparse.Namespace):
+    from .session import KPrismSession
+
+    return KPrismSession(args.model, device=args.device, threads=args.threads)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .io import check_output_path, read_image, read_mask, render_overlay, write_output
+    from .prompt_file import apply_prompts, load_prompt_file
+    from .session import Reference
+
+    check_output_path(args.out, args.image)  # fail before any work
+    prompts = load_prompt_file(args.prompts) if args.prompts else None
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    if classes and args.reference:
+        raise ValueError("Use either --classes (semantic) or --reference (in-context), not both.")
+    interactive = bool(args.init_mask or (prompts and not prompts.is_empty()))
+    if len(classes) > 1 and interactive:
+        raise ValueError("Prompts and --init-mask refine one structure: give a single class with them.")
+    if not (classes or args.reference or interactive):
+        raise ValueError("Nothing to segment: give --classes, --reference, --prompts or --init-mask.")
+
+    image = read_image(args.image, modality=args.modality)
+    session = _session(args)
+    for name in classes:
+        session.catalog.index(name)  # unknown names fail here, listing the known ones
+    session.set_image(image, axis=args.axis)
+    progress = _progress_printer("segmenting") if image.ndim == 3 else None
+    provenance: dict = {"model": str(args.model or "kprism-tiny")}
+    results = {}
+    if classes:
+        results = session.segment_semantic(classes, progress=progress)
+        provenance["classes"] = classes
+    elif args.reference:
+        refs = []
+        for ref_image, ref_mask in args.reference:
+            ref = read_image(ref_image)
+            refs.append(Reference(ref, read_mask(ref_mask, reference=ref).array))
+        results = {args.name: session.segment_in_context(refs, progress=progress)}
+        provenance["references"] = [list(r) for r in args.reference]
+    if args.init_mask:
+        results = {classes[0] if classes else args.name: session.set_prior_mask(read_mask(args.init_mask, reference=image).array)}
+        provenance["init_mask"] = args.init_mask
+    if prompts and not prompts.is_empty():
+        results = {classes[0] if classes else args.name: apply_prompts(session, prompts)}
+        provenance["prompts"] = args.prompts
+
+    labels, segments = _label_map(results, session.catalog)
+    for segment in segments:
+        segment["tags"] = {"KPrism.Provenance": json.dumps(provenance)}
+    written = write_output(labels, image.geometry, args.out, segments=segments, source_path=args.image)
+    for name, result in results.items():
+        print(f"{name}: {int(result.mask.sum())} voxels, predicted quality (Dice) {result.quality:.2f}")
+    print(f"wrote {written}")
+    if args.overlay:
+        print(f"wrote {render_overlay(image, labels, args.overlay, title=', '.join(results))}")
+    return 0
+
+
+def _label_map(results: dict, catalog) -> tuple[np.ndarray, list[dict]]:
+    """Results → one label map (value i+1 for the i-th result; where they overlap, the most probable wins)."""
+    names = list(results)
+    probabilities = np.stack([results[n].probability for n in names])
+    labels = np.where(probabilities.max(0) >= 0.5, probabilities.argmax(0) + 1, 0).astype(np.uint8)
+    segments = []
+    for value, name in enumerate(names, start=1):
+        color = catalog.entry(name).color if name in catalog else (241, 214, 145)
+        segments.append({"name": name, "value": value, "color": color})
+    return labels, segments
+
+
+def _progress_printer(what: str):
+    from tqdm.auto import tqdm
+
+    bar: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=what, unit="slice")
+        bar["bar"].n = done
+        bar["bar"].refresh()
+        if done >= total:
+            bar["bar"].close()
+
+    return update
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), _session(args))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import weights
+
+    if args.action == "list":
+        for info in weights.load_manifest():
+            try:
+                where = str(weights.resolve_weights(info.name))
+            except weights.WeightsError:
+                where = "not available offline (kprism models download " + info.name + ")"
+            print(f"{info.name}: {info.description}\n  file: {where}\n  licence: {info.licence}\n"
+                  f"  input: {info.input_size} px; classes ({len(info.classes)}): {', '.join(info.classes)}")
+        return 0
+    if args.action == "verify":
+        ok, message = weights.verify_model(args.model or weights.DEFAULT_MODEL)
+        print(message)
+        return 0 if ok else 1
+    print(f"downloaded to {weights.download_model(args.name)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.trainer import Trainer, load_config
+
+    path = Trainer(load_config(args.config)).fit()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

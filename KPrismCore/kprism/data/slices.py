@@ -1,0 +1,106 @@
+"""An in-memory bank of training slices at model resolution, indexed by class.
+
+Every 2D image and every slice of every 3D volume (taken along one axis of the canonical LPS
+view, exactly as inference slices it) is normalised with the inference code, resized to S×S and
+kept as float16, with its label map. For each class the bank knows which slices contain it, so
+sampling never wastes steps on empty slices; a few empty slices per volume are kept as negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..orientation import CanonicalView
+from ..preprocess import intensity_range, normalize_slice, resize_image
+from .nnunet_v2 import load_dataset
+
+NEGATIVE_SLICES_PER_VOLUME = 2
+
+
+@dataclass
+class SliceRecord:
+    dataset: str
+    case_id: str
+    slice_index: int  # position along the slicing axis (0 for 2D images)
+    num_slices: int  # slices in the source volume (1 for 2D)
+
+
+@dataclass
+class SliceBank:
+    size: int
+    images: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) float16
+    labels: list[torch.Tensor] = field(default_factory=list)  # (S, S) uint8, dataset label values
+    records: list[SliceRecord] = field(default_factory=list)
+    # class key → (slice id, label value) pairs; the class key is the label name, shared across datasets
+    by_class: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    negatives: list[int] = field(default_factory=list)  # slices with no foreground at all
+    modality: dict[str, str] = field(default_factory=dict)  # dataset → modality
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted(self.by_class)
+
+    def datasets_of(self, class_name: str) -> list[str]:
+        return sorted({self.records[i].dataset for i, _ in self.by_class[class_name]})
+
+    def mask(self, slice_id: int, value: int) -> torch.Tensor:
+        return (self.labels[slice_id] == value).float()
+
+    def add(self, image: torch.Tensor, labels: torch.Tensor, record: SliceRecord, names: dict[int, str]) -> None:
+        slice_id = len(self.images)
+        self.images.append(image.half())
+        self.labels.append(labels.to(torch.uint8))
+        self.records.append(record)
+        present = [int(v) for v in torch.unique(labels).tolist() if v != 0 and int(v) in names]
+        for value in present:
+            self.by_class.setdefault(names[value], []).append((slice_id, value))
+        if not present:
+            self.negatives.append(slice_id)
+
+
+def _resize_labels(labels: np.ndarray, size: int) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))[None, None].float()
+    return F.interpolate(tensor, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
+
+
+def build_slice_bank(
+    roots: Sequence[str | Path],
+    size: int,
+    split: str = "train",
+    axis: int = 0,
+    progress: Optional[Callable[[str], None]] = None,
+    rng: Optional[np.random.Generator] = None,
+) -> SliceBank:
+    """Load every case of the given nnU-Net / MSD datasets into a `SliceBank`."""
+    bank = SliceBank(size)
+    rng = rng or np.random.default_rng(0)
+    for root in roots:
+        dataset = load_dataset(root)
+        names = {value: name for name, value in dataset.labels.items()}
+        bank.modality[dataset.name] = dataset.modality
+        for case in dataset.cases(split):
+            image, labels = dataset.load(case)
+            if progress:
+                progress(f"{dataset.name}/{case.case_id}")
+            view = CanonicalView.of(image.geometry, image.spatial_shape)
+            array, labels = view.to_canonical(image.array), view.to_canonical(labels)
+            value_range = intensity_range(image.array, image.modality, image.is_rgb)
+            if image.ndim == 2:
+                slices = [(0, array, labels)]
+            else:
+                count = array.shape[axis]
+                keep = [i for i in range(count) if np.take(labels, i, axis=axis).any()]
+                empty = [i for i in range(count) if i not in set(keep)]
+                keep += rng.choice(empty, min(NEGATIVE_SLICES_PER_VOLUME, len(empty)), replace=False).tolist() if empty else []
+                slices = [(i, np.take(array, i, axis=axis), np.take(labels, i, axis=axis)) for i in sorted(keep)]
+            for index, img, lab in slices:
+                tensor = resize_image(normalize_slice(img, image.modality, image.is_rgb, value_range), size)
+                bank.add(tensor, _resize_labels(lab, size),
+                         SliceRecord(dataset.name, case.case_id, index, 1 if image.ndim == 2 else array.shape[axis]), names)
+    return bank

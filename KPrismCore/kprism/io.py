@@ -1,0 +1,711 @@
+"""Reading images and masks, writing label maps and Slicer segmentations, and quick-look renders.
+
+Every array follows :mod:`kprism.image`'s convention (slowest axis first, LPS geometry in ITK order),
+which is SimpleITK's own, so geometry passes through reading and writing without conversion.
+Image files go through SimpleITK, ``.seg.nrrd`` files through slicerio, pictures through matplotlib.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import math
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+
+import nibabel
+import numpy as np
+import PIL.Image
+import SimpleITK as sitk
+import slicerio
+
+from .catalog import _PALETTE
+from .image import Geometry, ImageData
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PathLike = Union[str, os.PathLike]
+Point = tuple[float, float, bool]  # (row, column, positive) on the shown slice
+
+# Only these formats are 2D pictures; any other file is a volume, even with a single slice.
+_RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+_LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
+_SEGMENTATION_SUFFIX = ".seg.nrrd"
+_SEGMENT_KEYS = {"name", "value", "color", "tags"}
+_MODALITY_TAG = "0008|0060"
+_POSITION_TAG = "0020|0032"
+_ORIENTATION_TAG = "0020|0037"
+
+_DPI = 100
+_MIN_RENDER_SIDE = 512  # small images are zoomed by a whole factor so the quick look stays legible
+_PANEL_INCHES = 4.0
+_LABEL_ALPHA = 0.4
+
+
+class ImageReadError(ValueError):
+    """A file that exists but cannot be read as an image: corrupt, truncated or of an unknown format."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_image(path: PathLike, modality: str | None = None) -> ImageData:
+    """Read a 2D picture, a 3D volume file or a DICOM series folder, keeping its numeric type.
+
+    Modality comes from ``modality``, else from the DICOM Modality tag, else is ``"unknown"``.
+    """
+    source = _existing_path(path)
+    if source.is_dir():
+        return _read_dicom_folder(source, modality)
+    return _read_image_file(source, modality)
+
+
+def read_mask(path: PathLike, reference: ImageData | None = None) -> ImageData:
+    """Read an integer label map; with ``reference``, put it on the reference grid.
+
+    An 8-bit PNG holding only 0 and 255 is a binary mask and comes back as 0/1. A mask on another
+    grid is resampled (nearest neighbour) onto the reference. A 2D mask without geometry (identity:
+    unit spacing, zero origin) is taken to cover the reference's field of view, so a PNG mask of
+    another size is scaled onto the reference image.
+    """
+    image = read_image(path)
+    labels = _integer_labels(_single_channel(image, path), path)
+    if Path(path).suffix.lower() == ".png" and labels.dtype == np.uint8 and _is_0_255(labels):
+        labels = (labels > 0).astype(np.uint8)
+    mask = ImageData(labels, image.geometry, modality="label")
+    return mask if reference is None else _onto_reference(mask, reference, path)
+
+
+def read_segmentation(path: PathLike) -> tuple[np.ndarray, Geometry, list[dict[str, Any]]]:
+    """Read a ``.seg.nrrd``: labels in kprism order, their geometry, and the segments.
+
+    Segments are dicts with ``name``, ``value``, ``color`` (RGB floats in 0–1) and ``tags``.
+    Files are always 3D, so labels written from a 2D image come back as one slice.
+    """
+    source = _existing_path(path)
+    try:
+        segmentation = slicerio.read_segmentation(str(source))
+    except Exception as error:  # slicerio and pynrrd raise many types for a malformed file
+        raise ImageReadError(f"Could not read segmentation {source}: {error}") from error
+    voxels = segmentation["voxels"]
+    if voxels.ndim != 3:
+        raise ValueError(
+            f"{source} stores overlapping segments in {voxels.shape[0]} layers, which one label map cannot "
+            "hold. Export it from Slicer as a labelmap or without overlaps."
+        )
+    labels = np.ascontiguousarray(voxels.transpose(2, 1, 0))  # slicerio is (i, j, k); kprism is (k, j, i)
+    segments = [_segment_from_slicer(segment) for segment in segmentation["segments"]]
+    return labels, _geometry_from_ijk_to_lps(segmentation["ijkToLPS"]), segments
+
+
+def _existing_path(path: PathLike) -> Path:
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise FileNotFoundError(errno.ENOENT, "No image file or DICOM folder at this path", str(source))
+    return source
+
+
+def _read_image_file(source: Path, modality: str | None) -> ImageData:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        grey = _grey_of_grey_alpha(source) if source.suffix.lower() in _RASTER_SUFFIXES else None
+        if grey is not None:
+            return ImageData(grey, modality=modality or "unknown")
+        raise ImageReadError(f"Could not read image {source}: {_sitk_reason(error)}") from error
+    _check_dimension(source, reader.GetDimension(), reader.GetSize())
+    if source.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(source)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ImageReadError(
+            f"Could not read image {source} (corrupt or truncated?): {_sitk_reason(error)}"
+        ) from error
+    if modality is None and reader.HasMetaDataKey(_MODALITY_TAG):
+        modality = reader.GetMetaData(_MODALITY_TAG)
+    return _to_image_data(image, source, modality, raster=source.suffix.lower() in _RASTER_SUFFIXES)
+
+
+def _grey_of_grey_alpha(source: Path) -> np.ndarray | None:
+    """SimpleITK cannot read grey-with-alpha pictures; Pillow can, and the alpha is dropped anyway."""
+    try:
+        with PIL.Image.open(source) as picture:
+            return np.asarray(picture.getchannel(0)) if picture.mode == "LA" else None
+    except OSError:  # not a picture Pillow knows either
+        return None
+
+
+def _read_dicom_folder(folder: Path, modality: str | None) -> ImageData:
+    files = _largest_dicom_series(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the spacing check and the modality
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ImageReadError(f"Could not read the DICOM series in {folder}: {_sitk_reason(error)}") from error
+    _check_slice_spacing(reader, files, folder)
+    if modality is None and reader.HasMetaDataKey(0, _MODALITY_TAG):
+        modality = reader.GetMetaData(0, _MODALITY_TAG)
+    return _to_image_data(image, folder, modality, raster=False)
+
+
+def _largest_dicom_series(folder: Path) -> Sequence[str]:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise ImageReadError(
+            f"No DICOM series found in folder {folder}. Pass the folder that directly holds the DICOM files, "
+            "or an image file."
+        )
+    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    chosen = max(files, key=lambda sid: len(files[sid]))
+    if len(files) > 1:
+        warnings.warn(
+            f"{folder} holds {len(files)} DICOM series; reading the largest, {chosen} ({len(files[chosen])} "
+            "files). Put each series in its own folder to read another one.",
+            stacklevel=4,
+        )
+    return files[chosen]
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: Sequence[str], folder: Path) -> None:
+    """SimpleITK assembles a series with a missing slice without complaint, which distorts the volume."""
+    count = len(files)
+    if count < 3 or not reader.HasMetaDataKey(0, _ORIENTATION_TAG):
+        return
+    if not all(reader.HasMetaDataKey(i, _POSITION_TAG) for i in range(count)):
+        return
+    orientation = [float(v) for v in reader.GetMetaData(0, _ORIENTATION_TAG).split("\\")]
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array(
+        [[float(v) for v in reader.GetMetaData(i, _POSITION_TAG).split("\\")] for i in range(count)]
+    )
+    gaps = np.diff(positions @ normal)
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if abs(gaps[worst] - typical) > max(0.01 * abs(typical), 1e-3):
+        raise ImageReadError(
+            f"The DICOM series in {folder} has irregular slice spacing: {Path(files[worst]).name} and "
+            f"{Path(files[worst + 1]).name} are {abs(gaps[worst]):.4g} mm apart, the other slices "
+            f"{abs(typical):.4g} mm (a missing or duplicated slice?). Complete the series before segmenting."
+        )
+
+
+def _check_dimension(source: Path, dimension: int, size: Sequence[int]) -> None:
+    if dimension not in (2, 3):
+        raise ValueError(
+            f"{source} is a {dimension}D image (size {tuple(size)}), but KPrism segments 2D images and 3D "
+            "volumes. Extract one 3D volume (a time point or channel) or 2D slice first, e.g. with SimpleITK "
+            "image[:, :, :, 0]."
+        )
+
+
+def _check_nifti_complete(source: Path) -> None:
+    """ITK silently zero-fills a truncated NIfTI, so compare the bytes present with what the header needs."""
+    try:
+        header = nibabel.load(source).header
+        voxel_bytes = math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
+        needed = int(header.get_data_offset()) + voxel_bytes
+        present = _uncompressed_size(source)
+    except (
+        OSError, EOFError, nibabel.filebasedimages.ImageFileError, nibabel.spatialimages.HeaderDataError
+    ) as error:
+        raise ImageReadError(f"Could not read image {source} (corrupt or truncated?): {error}") from error
+    if present < needed:
+        raise ImageReadError(
+            f"Could not read image {source}: the file is truncated ({present} of {needed} bytes present)."
+        )
+
+
+def _uncompressed_size(source: Path) -> int:
+    if not source.name.lower().endswith(".gz"):
+        return source.stat().st_size
+    size = 0
+    with gzip.open(source, "rb") as stream:  # reading to the end also verifies the gzip checksum
+        while chunk := stream.read(1 << 22):
+            size += len(chunk)
+    return size
+
+
+def _to_image_data(image: sitk.Image, source: Path, modality: str | None, raster: bool) -> ImageData:
+    if image.GetDimension() == 2 and not raster:
+        image = sitk.JoinSeries(image)  # a volume format with one slice stays a (1-slice) volume
+    array = sitk.GetArrayFromImage(image)
+    components = image.GetNumberOfComponentsPerPixel()
+    is_rgb = components in (3, 4)  # RGB or RGBA; grey with alpha has 2
+    if components > 1:
+        if image.GetDimension() != 2 or components > 4:
+            raise ValueError(
+                f"{source} has {components} values per pixel; KPrism reads grey or RGB(A) pictures and "
+                "single-channel volumes. Extract one channel first."
+            )
+        array = np.ascontiguousarray(array[..., :3] if is_rgb else array[..., 0])  # drops alpha
+    return ImageData(array, _geometry_of(image), modality=(modality or "").strip() or "unknown", is_rgb=is_rgb)
+
+
+def _sitk_reason(error: RuntimeError) -> str:
+    """The useful part of a SimpleITK exception: its first and last message lines, without source locations."""
+    lines = [
+        re.sub(r"^(sitk::ERROR: |ITK ERROR: \w+\(0x[0-9a-f]+\): )", "", line.strip())
+        for line in str(error).splitlines()
+        if line.strip() and not line.startswith("Exception thrown in SimpleITK")
+    ]
+    if not lines:
+        return str(error)
+    return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def _single_channel(image: ImageData, path: PathLike) -> np.ndarray:
+    if not image.is_rgb:
+        return image.array
+    red, green, blue = np.moveaxis(image.array, -1, 0)
+    if np.array_equal(red, green) and np.array_equal(red, blue):
+        return red
+    raise ValueError(f"{path} is a colour image, not a label map; save the mask as a single-channel image.")
+
+
+def _integer_labels(array: np.ndarray, what: Any) -> np.ndarray:
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        return array
+    if np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)):
+        return array.astype(_label_dtype(array, what))
+    raise ValueError(
+        f"Non-integer values in {what}, so it is not a label map (a probability map?). Threshold it first."
+    )
+
+
+def _label_dtype(array: np.ndarray, what: Any) -> type:
+    """The smallest integer type that holds every label: Slicer and viewers handle these best."""
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"Labels of {what} range from {low} to {high}, beyond what a label map can store (int32).")
+
+
+def _is_0_255(labels: np.ndarray) -> bool:
+    values = np.unique(labels)
+    return 255 in values and set(values.tolist()) <= {0, 255}
+
+
+def _onto_reference(mask: ImageData, reference: ImageData, path: PathLike) -> ImageData:
+    if mask.ndim != reference.ndim:
+        raise ValueError(
+            f"The mask {path} is {mask.ndim}D but the image is {reference.ndim}D; a mask must have the "
+            "image's dimensions."
+        )
+    geometry = mask.geometry
+    if mask.ndim == 2 and geometry.same_as(Geometry.identity(2)):
+        geometry = _covering_field_of_view(mask.spatial_shape, reference)
+    if mask.spatial_shape == reference.spatial_shape and geometry.same_as(reference.geometry):
+        return ImageData(mask.array, reference.geometry, modality=mask.modality)
+    resampled = sitk.Resample(
+        _to_sitk(mask.array, geometry),
+        [int(n) for n in reference.spatial_shape[::-1]],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        reference.geometry.origin,
+        reference.geometry.spacing,
+        reference.geometry.direction,
+        0,
+    )
+    return ImageData(sitk.GetArrayFromImage(resampled), reference.geometry, modality=mask.modality)
+
+
+def _covering_field_of_view(mask_shape: tuple[int, ...], reference: ImageData) -> Geometry:
+    """Geometry that stretches a mask's pixel grid over the reference's, edge to edge."""
+    target = reference.geometry
+    ratio = np.array(reference.spatial_shape[::-1], float) / np.array(mask_shape[::-1], float)
+    spacing = np.asarray(target.spacing) * ratio
+    # Pixel centres sit half a pixel in from the edges, so the origin moves by half the spacing change.
+    origin = np.asarray(target.origin) + target.direction_matrix() @ ((spacing - np.asarray(target.spacing)) / 2)
+    return Geometry(tuple(spacing.tolist()), tuple(origin.tolist()), target.direction)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_output(
+    labels: np.ndarray,
+    geometry: Geometry,
+    path: PathLike,
+    *,
+    segments: list[dict[str, Any]] | None = None,
+    source_path: PathLike | None = None,
+) -> Path:
+    """Write labels as a Slicer segmentation (``.seg.nrrd``) or a plain label map (any other extension).
+
+    Without ``segments``, a segmentation gets one segment per label value, named ``Segment_<value>``.
+    """
+    if str(path).lower().endswith(_SEGMENTATION_SUFFIX):
+        if segments is None:
+            values = np.unique(np.asarray(labels)).tolist()
+            segments = [{"name": f"Segment_{value}", "value": value} for value in values if value != 0]
+        return write_segmentation(labels, geometry, path, segments, source_path=source_path)
+    return write_labelmap(labels, geometry, path, source_path=source_path)
+
+
+def write_labelmap(
+    labels: np.ndarray, geometry: Geometry, path: PathLike, *, source_path: PathLike | None = None
+) -> Path:
+    """Write a label map (.nii, .nii.gz, .nrrd, .mha, or .png for 2D) with the exact geometry.
+
+    The file appears complete or not at all; an existing file at ``path`` is replaced only on success.
+    PNG stores no geometry and only values 0–255.
+    """
+    suffix = _suffix(path, _LABELMAP_SUFFIXES)
+    labels = _checked_labels(labels, geometry)
+    if suffix == ".png":
+        labels = _png_labels(labels, geometry)
+    target = check_output_path(path, source_path)
+    image = _to_sitk(labels, geometry)
+    _write_atomically(target, suffix, lambda temporary: sitk.WriteImage(image, temporary, True))
+    return target
+
+
+def write_segmentation(
+    labels: np.ndarray,
+    geometry: Geometry,
+    path: PathLike,
+    segments: list[dict[str, Any]],
+    *,
+    source_path: PathLike | None = None,
+) -> Path:
+    """Write a 3D Slicer segmentation (``.seg.nrrd``).
+
+    ``segments`` items: ``name``, ``value`` (the label value), ``color`` (RGB as 0–255 ints or 0–1 floats;
+    optional) and ``tags`` (str → str, e.g. provenance; optional). 2D labels are written as one slice,
+    because Slicer segmentations are 3D.
+    """
+    _suffix(path, (_SEGMENTATION_SUFFIX,))
+    labels = _checked_labels(labels, geometry)
+    if labels.ndim == 2:
+        labels, geometry = labels[np.newaxis], _as_one_slice(geometry)
+    slicer_segments = _slicer_segments(segments, labels)
+    target = check_output_path(path, source_path)
+    segmentation = {
+        "voxels": labels.transpose(2, 1, 0),  # slicerio is (i, j, k)
+        "ijkToLPS": _ijk_to_lps(geometry),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "segments": slicer_segments,
+    }
+    _write_atomically(
+        target, _SEGMENTATION_SUFFIX, lambda temporary: slicerio.write_segmentation(temporary, segmentation)
+    )
+    return target
+
+
+def _suffix(path: PathLike, allowed: Sequence[str]) -> str:
+    name = Path(path).name.lower()
+    for suffix in allowed:
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"Cannot write {path}: use one of the extensions {', '.join(allowed)}.")
+
+
+def _checked_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.ndim != geometry.ndim:
+        raise ValueError(
+            f"Labels of shape {array.shape} are {array.ndim}D but the geometry is {geometry.ndim}D; "
+            "pass the labels of the image whose geometry this is."
+        )
+    array = _integer_labels(array, "the labels")
+    return array.astype(_label_dtype(array, "the labels"), copy=False)
+
+
+def _png_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    if labels.dtype != np.uint8:
+        raise ValueError("PNG label maps hold values 0–255 only; write .nii.gz or .nrrd for larger labels.")
+    if not geometry.same_as(Geometry.identity(2)):
+        warnings.warn(
+            "PNG stores no spacing, origin or direction; write .nii.gz or .nrrd to keep the geometry.",
+            stacklevel=3,
+        )
+    return labels
+
+
+def check_output_path(path: PathLike, source_path: PathLike | None) -> Path:
+    """Check the output can be written, before any work, and create its folder."""
+    target = Path(path).expanduser().resolve()
+    if source_path is not None and target == Path(source_path).expanduser().resolve():
+        raise ValueError(f"Refusing to overwrite the input {source_path}; choose another output path.")
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "The output path is a folder; give a file name", str(target))
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"Cannot create the output folder {target.parent}: this is a file", str(existing)
+        )
+    # os.access, because a failed write halfway through would be a worse error to report.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, "No permission to write in this folder; choose another output", str(existing)
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _write_atomically(target: Path, suffix: str, write: Callable[[str], None]) -> None:
+    """Write to a hidden file beside the target, then rename it: readers never see a partial file."""
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    try:
+        write(str(temporary))
+        os.replace(temporary, target)
+    except RuntimeError as error:  # SimpleITK reports write failures (disk full, …) as RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise OSError(f"Could not write {target}: {_sitk_reason(error)}") from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def _geometry_of(image: sitk.Image) -> Geometry:
+    return Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def _as_one_slice(geometry: Geometry) -> Geometry:
+    direction = np.eye(3)
+    direction[:2, :2] = geometry.direction_matrix()
+    return Geometry((*geometry.spacing, 1.0), (*geometry.origin, 0.0), tuple(direction.ravel().tolist()))
+
+
+def _ijk_to_lps(geometry: Geometry) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = geometry.direction_matrix() * np.asarray(geometry.spacing)  # scales the columns
+    matrix[:3, 3] = geometry.origin
+    return matrix
+
+
+def _geometry_from_ijk_to_lps(matrix: np.ndarray) -> Geometry:
+    matrix = np.asarray(matrix, dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)  # each column is one index step
+    direction = matrix[:3, :3] / spacing
+    return Geometry(tuple(spacing.tolist()), tuple(matrix[:3, 3].tolist()), tuple(direction.ravel().tolist()))
+
+
+# ----------------------------------------------------------------------------------------------- segments
+
+
+def _slicer_segments(segments: list[dict[str, Any]], labels: np.ndarray) -> list[dict[str, Any]]:
+    converted = [_segment_to_slicer(segment) for segment in segments]
+    values = [segment["labelValue"] for segment in converted]
+    if len(set(values)) != len(values):
+        raise ValueError(f"Each segment needs its own label value; got {values}.")
+    unlisted = sorted(set(np.unique(labels).tolist()) - set(values) - {0})
+    if unlisted:
+        warnings.warn(f"Label values {unlisted} have no segment, so Slicer will not show them.", stacklevel=3)
+    return converted
+
+
+def _segment_to_slicer(segment: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(segment) - _SEGMENT_KEYS
+    if unknown or "name" not in segment or "value" not in segment:
+        raise ValueError(
+            f"A segment needs 'name' and 'value' and may have 'color' and 'tags'; got keys {sorted(segment)}."
+        )
+    value = int(segment["value"])
+    if value <= 0:
+        raise ValueError(f"Segment {segment['name']!r} has label value {value}; 0 is the background.")
+    tags = {str(key): str(text) for key, text in segment.get("tags", {}).items()}
+    _check_header_text(segment["name"], forbidden="\n")
+    for key, text in tags.items():
+        # The NRRD header stores tags as "key:value|key:value|" on one line.
+        _check_header_text(key, forbidden="\n|:")
+        _check_header_text(text, forbidden="\n|")
+    return {
+        "id": f"Segment_{value}",
+        "name": str(segment["name"]),
+        "labelValue": value,
+        "layer": 0,
+        "color": list(_unit_rgb(segment.get("color", _default_color(value)))),
+        "tags": tags,
+    }
+
+
+def _segment_from_slicer(segment: dict[str, Any]) -> dict[str, Any]:
+    value = int(segment.get("labelValue", 1))
+    tags = dict(segment.get("tags", {}))
+    # slicerio lifts these two tags into their own fields; put them back so tags round-trip.
+    if "status" in segment:
+        tags["Segmentation.Status"] = segment["status"]
+    if "terminology" in segment:
+        tags["TerminologyEntry"] = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
+    return {
+        "name": segment.get("name", segment.get("id", f"Segment_{value}")),
+        "value": value,
+        "color": tuple(float(c) for c in segment.get("color", _unit_rgb(_default_color(value)))),
+        "tags": tags,
+    }
+
+
+def _check_header_text(text: str, forbidden: str) -> None:
+    if any(character in str(text) for character in forbidden):
+        raise ValueError(f"Segment text {text!r} may not contain any of {forbidden!r}.")
+
+
+def _default_color(value: int) -> tuple[int, int, int]:
+    # The catalog's palette, so label value i + 1 gets class i's colour.
+    return _PALETTE[(value - 1) % len(_PALETTE)]
+
+
+def _unit_rgb(color: Sequence[float]) -> tuple[float, float, float]:
+    """RGB in 0–1 from 0–255 integers or 0–1 floats."""
+    values = np.asarray(color)
+    if values.shape != (3,) or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"A colour is three numbers (RGB); got {color!r}.")
+    scale = 255.0 if np.issubdtype(values.dtype, np.integer) else 1.0
+    unit = values.astype(float) / scale
+    if unit.min() < 0 or unit.max() > 1:
+        raise ValueError(f"Colour {color!r} is out of range: use integers 0–255 or floats 0–1.")
+    return tuple(unit.tolist())
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def render_overlay(
+    image: ImageData,
+    labels: np.ndarray | None,
+    path: PathLike,
+    *,
+    slice_index: int | None = None,
+    axis: int = 0,
+    colors: dict[int, tuple] | None = None,
+    points: list[Point] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Save a PNG quick look of a 2D image, or of one slice of a volume, with the labels on top.
+
+    For a volume, ``axis`` is the array axis sliced (0: k) and ``slice_index`` defaults to the slice
+    with the most foreground. The picture is the slice zoomed by a whole factor until its longer side
+    is at least 512 pixels, with rows stretched by the pixel aspect ratio; ``points`` are (row, column,
+    positive) on the slice, drawn as green + or red −.
+    """
+    from matplotlib.figure import Figure
+
+    pixels, label_slice, aspect = _view(image, labels, slice_index, axis)
+    rows, columns = label_slice.shape
+    zoom = max(1, _MIN_RENDER_SIDE // max(rows, columns))
+    size = (columns * zoom / _DPI, round(rows * zoom * aspect) / _DPI)
+    figure = Figure(figsize=size, dpi=_DPI)
+    axes = figure.add_axes((0, 0, 1, 1))
+    _draw(axes, pixels, label_slice, aspect, colors, points)
+    if title:
+        axes.text(0.01, 0.99, title, transform=axes.transAxes, va="top", ha="left", color="white", fontsize=10,
+                  bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
+    return _save_figure(figure, path)
+
+
+def render_panels(panels: list[dict[str, Any]], path: PathLike, columns: int = 3) -> Path:
+    """Save one PNG with a grid of quick looks.
+
+    Each panel has ``image`` and optionally ``labels``, ``title``, ``points``, ``colors``, ``slice_index``
+    and ``axis``, as in :func:`render_overlay`.
+    """
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("render_panels needs at least one panel.")
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(columns * _PANEL_INCHES, rows * _PANEL_INCHES), dpi=_DPI, layout="constrained")
+    for index, panel in enumerate(panels):
+        unknown = set(panel) - {"image", "labels", "title", "points", "colors", "slice_index", "axis"}
+        if unknown:
+            raise ValueError(f"Panel {index} has unknown keys {sorted(unknown)}.")
+        axes = figure.add_subplot(rows, columns, index + 1)
+        pixels, label_slice, aspect = _view(
+            panel["image"], panel.get("labels"), panel.get("slice_index"), panel.get("axis", 0)
+        )
+        _draw(axes, pixels, label_slice, aspect, panel.get("colors"), panel.get("points"))
+        if panel.get("title"):
+            axes.set_title(panel["title"], fontsize=9)
+    return _save_figure(figure, path)
+
+
+def _view(
+    image: ImageData, labels: np.ndarray | None, slice_index: int | None, axis: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The shown pixels and labels, and the pixel aspect ratio (row spacing / column spacing)."""
+    labels = np.zeros(image.spatial_shape, np.uint8) if labels is None else np.asarray(labels)
+    if labels.shape != image.spatial_shape:
+        raise ValueError(f"Labels of shape {labels.shape} do not match the image {image.spatial_shape}.")
+    spacing = image.geometry.spacing[::-1]  # array-axis order
+    if image.ndim == 2:
+        return image.array, labels, spacing[0] / spacing[1]
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2 for a volume; got {axis}.")
+    if slice_index is None:
+        foreground = np.count_nonzero(labels, axis=tuple(a for a in range(3) if a != axis))
+        slice_index = int(np.argmax(foreground)) if foreground.any() else labels.shape[axis] // 2
+    rows, columns = (a for a in range(3) if a != axis)
+    aspect = spacing[rows] / spacing[columns]
+    return np.take(image.array, slice_index, axis), np.take(labels, slice_index, axis), aspect
+
+
+def _draw(
+    axes: "Axes",
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    aspect: float,
+    colors: dict[int, tuple] | None,
+    points: list[Point] | None,
+) -> None:
+    axes.imshow(_window(pixels), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
+    axes.set_autoscale_on(False)  # markers and contours must not move the view
+    overlay = np.zeros(labels.shape + (4,))
+    for value in np.unique(labels[labels != 0]).tolist():
+        rgb = _unit_rgb((colors or {}).get(value, _default_color(value)))
+        inside = labels == value
+        overlay[inside] = (*rgb, _LABEL_ALPHA)
+        if not inside.all():
+            axes.contour(inside, levels=[0.5], colors=[rgb], linewidths=1.5)
+    axes.imshow(overlay, interpolation="nearest", aspect=aspect)
+    for row, column, positive in points or []:
+        axes.plot(column, row, marker="+" if positive else "_", color="lime" if positive else "red",
+                  markersize=14, markeredgewidth=3)
+    axes.set_axis_off()
+
+
+def _window(pixels: np.ndarray) -> np.ndarray:
+    """Scale to 0–1 between the 1st and 99th percentiles, so a few extreme values do not wash out the view."""
+    values = pixels.astype(float)
+    low, high = np.nanpercentile(values, (1, 99))
+    return np.nan_to_num(np.clip((values - low) / max(high - low, 1e-12), 0, 1))
+
+
+def _save_figure(figure: "Figure", path: PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_figure(str(target), dpi=_DPI)
+    return target

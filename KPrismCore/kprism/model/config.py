@@ -1,0 +1,61 @@
+"""Model configuration: every size and switch of a KPrism network, with named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KPrismConfig:
+    """Hyper-parameters of a KPrism model. Travels inside every checkpoint."""
+
+    image_size: int = 256
+    in_channels: int = 3
+    encoder_channels: tuple[int, int, int, int] = (16, 32, 64, 128)  # strides 2, 4, 8, 16
+    encoder_blocks: tuple[int, int, int, int] = (1, 1, 2, 2)
+    embed_dim: int = 128  # token and stride-16 feature width
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    num_experts: int = 4
+    expert_top_k: int = 2  # 0 = dense soft routing over all experts
+    expert_hidden: int = 256
+    num_classes: int = 1  # size of the semantic class-token table
+    max_references: int = 4
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "KPrismConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}.")
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**converted)
+
+
+PRESETS: dict[str, KPrismConfig] = {
+    # CPU default: answers a click in ~10-20 ms on two cores (see benchmarks/).
+    "tiny": KPrismConfig(),
+    # GPU-sized: wider encoder and decoder, 512² input.
+    "base": KPrismConfig(
+        image_size=512,
+        encoder_channels=(32, 64, 128, 256),
+        encoder_blocks=(2, 2, 4, 4),
+        embed_dim=256,
+        decoder_layers=4,
+        decoder_heads=8,
+        num_experts=8,
+        expert_hidden=1024,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> KPrismConfig:
+    """A named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return KPrismConfig.from_dict({**PRESETS[name].to_dict(), **overrides})

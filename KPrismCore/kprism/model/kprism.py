@@ -1,0 +1,88 @@
+"""KPrismModel: encoder → prompt encoders (sparse tokens + dense maps) → MoE decoder → heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import KPrismConfig
+from .decoder import MoEDecoder
+from .encoder import ImageEncoder, ImageFeatures
+from .heads import MaskHead, QualityHead
+from .position import DensePositionEncoding
+from .prompts import MODES, DensePromptEncoder, Prompts, ReferenceFusion, SparsePromptEncoder
+
+
+class Prediction(NamedTuple):
+    logits: torch.Tensor  # (B, 1, S/2, S/2): upsample with `upsample_logits` to the grid you need
+    quality: torch.Tensor  # (B,) predicted Dice of the mask
+    aux_logits: list  # deep-supervision logits at strides 8 and 4
+    balance_loss: torch.Tensor  # MoE load-balancing loss (scalar)
+
+
+class KPrismModel(nn.Module):
+    def __init__(self, config: KPrismConfig):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.encoder = ImageEncoder(config)
+        self.sparse = SparsePromptEncoder(config)
+        self.dense = DensePromptEncoder(config)
+        self.reference_fusion = ReferenceFusion(config)
+        self.image_position = DensePositionEncoding(d)
+        self.mode_embedding = nn.Linear(len(MODES), d)
+        self.output_tokens = nn.Embedding(2, d)  # mask token, quality token
+        self.decoder = MoEDecoder(config)
+        self.mask_head = MaskHead(config)
+        self.quality_head = QualityHead(config)
+
+    def encode(self, images: torch.Tensor) -> ImageFeatures:
+        """(B, C, S, S) normalised images → cached features. Run once per slice."""
+        return self.encoder(images)
+
+    def decode(self, features: ImageFeatures, prompts: Prompts) -> Prediction:
+        """Answers one batch of prompts on already-encoded images (cheap: run per click)."""
+        batch = prompts.batch_size()
+        features = features.expand(batch)
+        mode_flags = prompts.mode_flags()
+        if not bool((mode_flags[:, :] > 0).any(1).all()):
+            raise ValueError("Every sample needs at least one prompt (class, reference, click, box, scribble or prior).")
+        mode = self.mode_embedding(mode_flags)
+
+        d2, d4, d8, d16 = self.dense(prompts, batch)
+        image = features.embedding + d16
+        if prompts.ref_features is not None:
+            image = self.reference_fusion(image, prompts.ref_features, prompts.ref_masks)
+
+        sparse = self.sparse(prompts, features, batch)
+        tokens = torch.cat([self.output_tokens.weight.expand(batch, -1, -1), sparse], dim=1)
+        h, w = image.shape[-2:]
+        tokens, image = self.decoder(tokens, image, self.image_position(h, w), mode)
+
+        logits, aux = self.mask_head(image, features.skips, (d2, d4, d8), tokens[:, 0])
+        quality = self.quality_head(tokens[:, 1])
+        balance = torch.stack([m.balance_loss for m in self.decoder.moe_layers()]).mean()
+        return Prediction(logits, quality, aux, balance)
+
+    def forward(self, images: torch.Tensor, prompts: Prompts) -> Prediction:
+        return self.decode(self.encode(images), prompts)
+
+    def expert_usage(self) -> list[list[float]]:
+        """Per decoder layer, the share of routed token slots each expert received."""
+        return [m.usage_fraction().tolist() for m in self.decoder.moe_layers()]
+
+    def reset_expert_usage(self) -> None:
+        for m in self.decoder.moe_layers():
+            m.reset_usage()
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of mask logits to any (rows, columns) grid."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def build_model(config: Optional[KPrismConfig] = None) -> KPrismModel:
+    return KPrismModel(config or KPrismConfig())

@@ -1,0 +1,427 @@
+"""KPrismSession: the one inference API used by the CLI, the Slicer module and the benchmarks.
+
+Set an image once; its slices are encoded lazily and cached, so every prompt after that only runs
+the light decoder. Prompts accumulate on a *target* (one structure being segmented): a class or a
+reference says what it is, clicks, scribbles, a box or a prior mask say where, and every
+interaction feeds the previous result back as the dense prior. Results come back on the source
+grid of the image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .catalog import ClassCatalog
+from .image import CoordinateSystem, Geometry, ImageData
+from .model import KPrismModel, Prompts, upsample_logits
+from .model.encoder import ImageFeatures
+from .orientation import CanonicalView
+from .preprocess import intensity_range, normalize_slice, resize_image, resize_mask, to_model_points
+from .runtime import autocast, default_threads, resolve_device, torch_threads
+from .slice_cache import FeatureCache
+
+Progress = Callable[[int, int], None]
+ENCODE_BATCH = 8
+PRIOR_LOGIT = 6.0  # a binary prior mask becomes logits of ±6 (probability 0.998)
+
+
+@dataclass
+class SegmentationResult:
+    """A probability map on the source grid, its mask and the model's own quality estimate."""
+
+    probability: np.ndarray  # float32, the image's spatial shape (array order)
+    quality: float  # predicted Dice, averaged over the slices that were segmented
+    geometry: Geometry
+    threshold: float = 0.5
+    slice_quality: Optional[np.ndarray] = None  # per slice along the session axis (3D only)
+
+    @property
+    def mask(self) -> np.ndarray:
+        return (self.probability >= self.threshold).astype(np.uint8)
+
+
+@dataclass
+class Reference:
+    """An in-context example: an image and a binary mask of the structure to find."""
+
+    image: ImageData
+    mask: np.ndarray
+    slice_index: Optional[int] = None  # for a 3D reference; default the slice with the largest mask
+
+
+@dataclass
+class _SliceState:
+    points: list[tuple[float, float, int]] = field(default_factory=list)  # model-grid (x, y, label)
+    scribbles: Optional[np.ndarray] = None  # (2, S, S) positive / negative
+    box: Optional[tuple[float, float, float, float]] = None
+
+    def copy(self) -> "_SliceState":
+        return _SliceState(list(self.points), None if self.scribbles is None else self.scribbles.copy(), self.box)
+
+
+class KPrismSession:
+    """Segment one image or volume with any mix of semantic, in-context and interactive prompts.
+
+    Args:
+        model: a loaded `KPrismModel`, a checkpoint path, a known model name, or None for the
+            bundled default.
+        device: "auto", "cpu", "cuda" or "mps".
+        threads: CPU threads for encoding (default: 2 at most). Decoding a click uses one thread,
+            which measures faster than two for its many small operations.
+        cache_mb: memory bound for cached slice features.
+        catalog: the class catalog when `model` is a `KPrismModel` object.
+    """
+
+    def __init__(
+        self,
+        model: Union[KPrismModel, str, os.PathLike, None] = None,
+        *,
+        device: str = "auto",
+        threads: Optional[int] = None,
+        cache_mb: float = 1024,
+        catalog: Optional[ClassCatalog] = None,
+        allow_download: bool = False,
+    ):
+        self.device = resolve_device(device)
+        self.threads = threads or default_threads()
+        if isinstance(model, KPrismModel):
+            self.model, self.catalog = model, catalog or ClassCatalog.from_names([])
+        else:
+            from .weights import load_model, resolve_weights
+
+            path = resolve_weights(model, allow_download=allow_download)
+            self.model, self.catalog, _ = load_model(path, device="cpu")
+        self.model = self.model.to(self.device).eval()
+        self.size = self.model.config.image_size
+        self._cache = FeatureCache(int(cache_mb * 2**20))
+        self.image: Optional[ImageData] = None
+
+    # ----------------------------------------------------------------------------- image
+    def set_image(
+        self,
+        image: Union[ImageData, np.ndarray],
+        geometry: Optional[Geometry] = None,
+        modality: Optional[str] = None,
+        axis: int = 0,
+        is_rgb: bool = False,
+    ) -> None:
+        """Set the 2D image or 3D volume to segment; nothing is encoded until a prompt needs it.
+
+        `axis` (3D only) is the canonical array axis slices are taken along: 0 axial, 1 coronal,
+        2 sagittal.
+        """
+        if not isinstance(image, ImageData):
+            image = ImageData(np.asarray(image), geometry, modality or "unknown", is_rgb)
+        elif modality:
+            image = ImageData(image.array, image.geometry, modality, image.is_rgb)
+        if image.array.size == 0:
+            raise ValueError(f"The image is empty (shape {image.array.shape}).")
+        if axis not in (0, 1, 2) or (image.ndim == 2 and axis != 0):
+            raise ValueError(f"axis must be 0, 1 or 2 for a volume (0 for a 2D image); got {axis}.")
+        self.image = image
+        self.axis = axis
+        self._view = CanonicalView.of(image.geometry, image.spatial_shape)
+        self._canonical = self._view.to_canonical(image.array)
+        self._range = intensity_range(image.array, image.modality, image.is_rgb)
+        self._cache.clear()
+        self.reset()
+
+    @property
+    def num_slices(self) -> int:
+        self._require_image()
+        return 1 if self.image.ndim == 2 else self._canonical.shape[self.axis]
+
+    def canonical_slice(self, index: int) -> np.ndarray:
+        """Slice `index` of the image as the model sees it (canonical LPS view, before normalisation)."""
+        if self.image.ndim == 2:
+            return self._canonical
+        return np.take(self._canonical, index, axis=self.axis)
+
+    def _slice_shape(self) -> tuple[int, int]:
+        shape = self._view.canonical_shape
+        return shape if len(shape) == 2 else tuple(s for a, s in enumerate(shape) if a != self.axis)  # type: ignore[return-value]
+
+    def _model_input(self, image: np.ndarray, modality: str, is_rgb: bool, value_range) -> torch.Tensor:
+        return resize_image(normalize_slice(image, modality, is_rgb, value_range), self.size)
+
+    def features(self, indices: Sequence[int], progress: Optional[Progress] = None) -> list[ImageFeatures]:
+        """Features of the given slices, encoding the missing ones in batches."""
+        self._require_image()
+        missing = [i for i in indices if i not in self._cache]
+        for start in range(0, len(missing), ENCODE_BATCH):
+            batch = missing[start : start + ENCODE_BATCH]
+            inputs = torch.stack([self._model_input(self.canonical_slice(i), self.image.modality, self.image.is_rgb, self._range)
+                                  for i in batch])
+            encoded = self._encode(inputs)
+            for n, i in enumerate(batch):
+                self._cache.put(i, ImageFeatures(encoded.embedding[n : n + 1],
+                                                 tuple(s[n : n + 1] for s in encoded.skips)))  # type: ignore[arg-type]
+            if progress:
+                progress(min(start + ENCODE_BATCH, len(missing)), len(missing))
+        return [self._cache.get(i) for i in indices]
+
+    @torch.inference_mode()
+    def _encode(self, inputs: torch.Tensor) -> ImageFeatures:
+        with torch_threads(self.threads), autocast(self.device):
+            features = self.model.encode(inputs.to(self.device))
+        return ImageFeatures(features.embedding.float(), tuple(s.float() for s in features.skips))  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def _decode(self, features: ImageFeatures, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
+        """→ logits on the model grid (B, S, S) and quality (B,), both numpy."""
+        threads = 1 if self.device.type == "cpu" else self.threads
+        with torch_threads(threads), autocast(self.device):
+            out = self.model.decode(features, prompts.to(self.device))
+        logits = upsample_logits(out.logits.float(), (self.size, self.size))[:, 0]
+        return logits.cpu().numpy(), out.quality.float().cpu().numpy()
+
+    def _to_slice_grid(self, logits: np.ndarray) -> np.ndarray:
+        """Model-grid logits (S, S) → probability on the canonical slice grid."""
+        tensor = torch.from_numpy(np.ascontiguousarray(logits))[None, None]
+        return torch.sigmoid(upsample_logits(tensor, self._slice_shape()))[0, 0].numpy()
+
+    # ----------------------------------------------------------------------------- semantic
+    def segment_semantic(
+        self, class_names: Sequence[str], slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None
+    ) -> dict[str, SegmentationResult]:
+        """One result per class name. With a single class, it becomes the target to refine."""
+        self._require_image()
+        if isinstance(class_names, str):
+            class_names = [class_names]
+        if not class_names:
+            raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
+        class_ids = [self.catalog.index(name) for name in class_names]
+        indices = list(range(self.num_slices)) if slices is None else list(slices)
+        volumes = {name: self._empty_volume() for name in class_names}
+        qualities = {name: np.full(self.num_slices, np.nan, dtype=np.float32) for name in class_names}
+        for done, index in enumerate(indices):
+            features = self.features([index])[0]
+            logits, quality = self._decode(features, Prompts(class_ids=torch.tensor(class_ids)))
+            for n, name in enumerate(class_names):
+                self._write_slice(volumes[name], index, self._to_slice_grid(logits[n]))
+                qualities[name][index] = quality[n]
+            if progress:
+                progress(done + 1, len(indices))
+        results = {name: self._result(volumes[name], qualities[name]) for name in class_names}
+        if len(class_names) == 1:
+            self._start_target(Prompts(class_ids=torch.tensor(class_ids)), volumes[class_names[0]], qualities[class_names[0]])
+        return results
+
+    # ----------------------------------------------------------------------------- in-context
+    def segment_in_context(
+        self, references: Sequence[Union[Reference, tuple[ImageData, np.ndarray]]],
+        slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None,
+    ) -> SegmentationResult:
+        """Segment what the reference (image, mask) pairs show; becomes the target to refine."""
+        self._require_image()
+        refs = [r if isinstance(r, Reference) else Reference(*r) for r in references]
+        if not refs:
+            raise ValueError("Give at least one reference (image, mask) pair.")
+        if len(refs) > self.model.config.max_references:
+            raise ValueError(f"At most {self.model.config.max_references} references are supported; got {len(refs)}.")
+        ref_inputs, ref_masks = zip(*(self._reference_input(r, n) for n, r in enumerate(refs)))
+        ref_features = self._encode(torch.stack(ref_inputs)).embedding.unsqueeze(0)
+        knowledge = Prompts(ref_features=ref_features, ref_masks=torch.stack(ref_masks)[None, :, None])
+        indices = list(range(self.num_slices)) if slices is None else list(slices)
+        volume, qualities = self._empty_volume(), np.full(self.num_slices, np.nan, dtype=np.float32)
+        for done, index in enumerate(indices):
+            logits, quality = self._decode(self.features([index])[0], knowledge)
+            self._write_slice(volume, index, self._to_slice_grid(logits[0]))
+            qualities[index] = quality[0]
+            if progress:
+                progress(done + 1, len(indices))
+        self._start_target(knowledge, volume, qualities)
+        return self._result(volume, qualities)
+
+    def _reference_input(self, reference: Reference, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = reference.image
+        mask = np.asarray(reference.mask)
+        if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
+            raise ValueError(f"Reference {number + 1}: the mask contains NaN or infinite values.")
+        mask = mask > 0
+        if not mask.any():
+            raise ValueError(f"Reference {number + 1}: the mask is empty; it must mark the structure to find.")
+        if mask.shape != image.spatial_shape:
+            # Another grid (e.g. a mask saved at another size): resample onto the reference image.
+            mask = _resize_nearest(mask, image.spatial_shape)
+        view = CanonicalView.of(image.geometry, image.spatial_shape)
+        array, mask = view.to_canonical(image.array), view.to_canonical(mask)
+        if image.ndim == 3:
+            axis = self.axis if self.image.ndim == 3 else 0
+            areas = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+            index = reference.slice_index if reference.slice_index is not None else int(np.argmax(areas))
+            array, mask = np.take(array, index, axis=axis), np.take(mask, index, axis=axis)
+            if not mask.any():
+                raise ValueError(f"Reference {number + 1}: slice {index} of the mask is empty.")
+        value_range = intensity_range(image.array, image.modality, image.is_rgb)
+        return (self._model_input(array, image.modality, image.is_rgb, value_range), resize_mask(mask, self.size))
+
+    # ----------------------------------------------------------------------------- interactive
+    def add_click(self, point: Sequence[float], positive: bool = True, coordinates: CoordinateSystem = "ijk") -> SegmentationResult:
+        """A click at a point: IJK index ([column, row] on a 2D image) or a physical RAS/LPS point."""
+        index, (row, col) = self.locate(point, coordinates)
+        x, y = to_model_points(np.array([[row, col]]), self._slice_shape(), self.size)[0]
+        return self._interact(index, lambda state: state.points.append((float(x), float(y), int(positive))))
+
+    def add_scribble(self, mask: np.ndarray, positive: bool = True) -> SegmentationResult:
+        """A scribble given as a binary mask on the image grid (every slice it touches is updated)."""
+        self._require_image()
+        mask = np.asarray(mask)
+        if mask.shape != self.image.spatial_shape:
+            raise ValueError(f"The scribble mask has shape {mask.shape}; the image has {self.image.spatial_shape}.")
+        canonical = self._view.to_canonical(mask > 0)
+        touched = [i for i in range(self.num_slices) if self._slice_of(canonical, i).any()]
+        if not touched:
+            raise ValueError("The scribble mask is empty.")
+        channel = 0 if positive else 1
+        result = None
+        for index in touched:
+            stroke = resize_mask(self._slice_of(canonical, index), self.size).numpy()
+
+            def paint(state: _SliceState, stroke=stroke) -> None:
+                if state.scribbles is None:
+                    state.scribbles = np.zeros((2, self.size, self.size), dtype=np.float32)
+                state.scribbles[channel] = np.maximum(state.scribbles[channel], stroke > 0)
+
+            result = self._interact(index, paint, group=len(touched) > 1 and index != touched[0])
+        return result  # type: ignore[return-value]
+
+    def add_box(self, minimum: Sequence[float], maximum: Sequence[float], coordinates: CoordinateSystem = "ijk") -> SegmentationResult:
+        """A box from two opposite corners; in 3D every slice between them gets the rectangle."""
+        first, (r0, c0) = self.locate(minimum, coordinates)
+        last, (r1, c1) = self.locate(maximum, coordinates)
+        corners = to_model_points(np.array([[min(r0, r1), min(c0, c1)], [max(r0, r1), max(c0, c1)]]), self._slice_shape(), self.size)
+        half = self.size / (2 * max(self._slice_shape()))  # reach the outer edge of the corner pixels
+        box = (corners[0, 0] - half, corners[0, 1] - half, corners[1, 0] + half, corners[1, 1] + half)
+        result = None
+        for n, index in enumerate(range(min(first, last), max(first, last) + 1)):
+            result = self._interact(index, lambda state: setattr(state, "box", box), group=n > 0)
+        return result  # type: ignore[return-value]
+
+    def set_prior_mask(self, mask: np.ndarray) -> SegmentationResult:
+        """Start refining an existing mask (any source: a manual segment, another tool)."""
+        self._require_image()
+        mask = np.asarray(mask)
+        if mask.shape != self.image.spatial_shape:
+            raise ValueError(f"The prior mask has shape {mask.shape}; the image has {self.image.spatial_shape}.")
+        volume = self._view.to_canonical(mask > 0).astype(np.float32)
+        self._start_target(None, np.ascontiguousarray(volume), np.full(self.num_slices, np.nan, dtype=np.float32))
+        return self.result()
+
+    def undo(self) -> Optional[SegmentationResult]:
+        """Take back the last interaction (a multi-slice box or scribble counts as one)."""
+        while self._history:
+            index, state, previous, quality, grouped = self._history.pop()
+            if state is None:
+                self._slices.pop(index, None)
+            else:
+                self._slices[index] = state
+            self._write_slice(self._volume, index, previous)
+            self._quality[index] = quality
+            if not grouped:
+                break
+        return self.result()
+
+    def reset(self) -> None:
+        """Forget the target and every prompt (the cached image features are kept)."""
+        self._knowledge: Optional[Prompts] = None
+        self._volume: Optional[np.ndarray] = None
+        self._quality = np.full(self.num_slices if self.image is not None else 1, np.nan, dtype=np.float32)
+        self._slices: dict[int, _SliceState] = {}
+        self._history: list = []
+
+    def result(self) -> Optional[SegmentationResult]:
+        """The current target's result on the source grid (None before any prompt)."""
+        return None if self._volume is None else self._result(self._volume, self._quality)
+
+    # ----------------------------------------------------------------------------- internals
+    def _require_image(self) -> None:
+        if self.image is None:
+            raise RuntimeError("No image set: call set_image(...) first.")
+
+    def locate(self, point: Sequence[float], coordinates: CoordinateSystem = "ijk") -> tuple[int, tuple[float, float]]:
+        """A point → (slice index, (row, column) on that slice of the canonical view); outside points are refused."""
+        self._require_image()
+        index = self.image.geometry.to_index(point, coordinates)  # [i, j(, k)] continuous
+        array_index = np.round(index[::-1]).astype(int)
+        shape = np.asarray(self.image.spatial_shape)
+        if (array_index < 0).any() or (array_index >= shape).any():
+            raise ValueError(
+                f"The {coordinates.upper()} point {list(point)} maps to voxel {np.round(index, 2).tolist()} (i, j, k), "
+                f"outside the image of size {shape[::-1].tolist()}."
+            )
+        canonical = self._view.index_to_canonical(array_index)
+        if self.image.ndim == 2:
+            return 0, (float(canonical[0]), float(canonical[1]))
+        in_plane = [float(c) for a, c in enumerate(canonical) if a != self.axis]
+        return int(canonical[self.axis]), (in_plane[0], in_plane[1])
+
+    def _slice_of(self, volume: np.ndarray, index: int) -> np.ndarray:
+        return volume if self.image.ndim == 2 else np.take(volume, index, axis=self.axis)
+
+    def _empty_volume(self) -> np.ndarray:
+        return np.zeros(self._view.canonical_shape, dtype=np.float32)
+
+    def _write_slice(self, volume: np.ndarray, index: int, values: np.ndarray) -> None:
+        if self.image.ndim == 2:
+            volume[...] = values
+        else:
+            slicer = [slice(None)] * 3
+            slicer[self.axis] = index
+            volume[tuple(slicer)] = values
+
+    def _start_target(self, knowledge: Optional[Prompts], volume: np.ndarray, quality: np.ndarray) -> None:
+        self.reset()
+        self._knowledge, self._volume, self._quality = knowledge, volume, quality
+
+    def _interact(self, index: int, change: Callable[[_SliceState], None], group: bool = False) -> SegmentationResult:
+        if self._volume is None:
+            self._volume = self._empty_volume()
+        previous_state = self._slices.get(index)
+        state = previous_state.copy() if previous_state else _SliceState()
+        change(state)
+        previous = self._slice_of(self._volume, index).copy()
+        self._history.append((index, previous_state, previous, self._quality[index], group))
+        self._slices[index] = state
+        logits, quality = self._decode(self.features([index])[0], self._slice_prompts(state, previous))
+        self._write_slice(self._volume, index, self._to_slice_grid(logits[0]))
+        self._quality[index] = quality[0]
+        return self.result()  # type: ignore[return-value]
+
+    def _slice_prompts(self, state: _SliceState, previous: np.ndarray) -> Prompts:
+        """Knowledge (class / references) + this slice's interactions + the previous result as prior."""
+        prompts = Prompts() if self._knowledge is None else Prompts(**vars(self._knowledge))
+        if state.points:
+            pts = torch.tensor([[p[:2] for p in state.points]], dtype=torch.float32)
+            prompts.points, prompts.point_labels = pts, torch.tensor([[p[2] for p in state.points]])
+        if state.scribbles is not None:
+            prompts.scribbles = torch.from_numpy(state.scribbles)[None]
+        if state.box is not None:
+            prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
+        if previous.any():
+            prob = resize_mask(previous, self.size).clamp(1e-3, 1 - 1e-3)
+            prompts.prior_logits = torch.logit(prob).clamp(-PRIOR_LOGIT, PRIOR_LOGIT)[None, None]
+        return prompts
+
+    def _result(self, volume: np.ndarray, quality: np.ndarray) -> SegmentationResult:
+        valid = quality[np.isfinite(quality)]
+        return SegmentationResult(
+            probability=self._view.from_canonical(volume),
+            quality=float(valid.mean()) if valid.size else float("nan"),
+            geometry=self.image.geometry,
+            slice_quality=quality.copy() if self.image.ndim == 3 else None,
+        )
+
+
+def _resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of a binary mask to `shape` (same number of dimensions)."""
+    if mask.ndim != len(shape):
+        raise ValueError(f"The mask has {mask.ndim} dimensions but its image has {len(shape)}.")
+    index = np.ix_(*[np.minimum((np.arange(n) + 0.5) * m / n, m - 1).astype(int) for n, m in zip(shape, mask.shape)])
+    return mask[index]

@@ -1,0 +1,1 @@
+"""Training: task sampling, interaction simulation in the loop, losses and the trainer."""

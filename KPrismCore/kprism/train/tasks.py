@@ -1,0 +1,126 @@
+"""The three-mode task sampler: each training step is a semantic, in-context or interactive task.
+
+One mode per batch keeps the prompt tensors rectangular; over many steps the modes mix with the
+configured ratios (K-Prism: semantic 0.3, in-context 0.4, interactive 0.3). Semantic and
+in-context tasks are sometimes followed by correction clicks, which teaches the combined modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..catalog import ClassCatalog
+from ..data.slices import SliceBank
+
+MIN_SLICE_DISTANCE = 3  # a same-volume reference must be at least this many slices away
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    semantic: float = 0.3
+    in_context: float = 0.4
+    interactive: float = 0.3
+    knowledge_then_clicks: float = 0.3  # share of semantic / in-context tasks that also get clicks
+    first_prompt_box: float = 0.2  # interactive tasks that start with a box instead of a click
+    first_prompt_scribble: float = 0.2  # ... or with a scribble
+    max_correction_rounds: int = 3
+    references: int = 1
+    negative_rate: float = 0.05  # semantic tasks on a slice without the class (target empty)
+
+
+@dataclass
+class TaskBatch:
+    mode: str  # "semantic" | "in_context" | "interactive"
+    query_ids: list[int]
+    targets: torch.Tensor  # (B, S, S) float
+    class_ids: Optional[torch.Tensor] = None  # (B,)
+    ref_ids: Optional[list[list[int]]] = None  # (B, k) slice ids
+    ref_masks: Optional[torch.Tensor] = None  # (B, k, S, S)
+    first_prompt: str = "none"  # "click" | "box" | "scribble" | "none"
+    correction_rounds: int = 0
+    class_names: list[str] = field(default_factory=list)
+
+
+class TaskSampler:
+    """Draws task batches from a `SliceBank`; its state is just the RNG, so resuming is exact."""
+
+    def __init__(self, bank: SliceBank, catalog: ClassCatalog, config: TaskConfig, seed: int = 0):
+        missing = [c for c in catalog.names if c not in bank.by_class]
+        if missing:
+            raise ValueError(f"No training slices for classes {missing}; remove them or add data that contains them.")
+        self.bank, self.catalog, self.config = bank, catalog, config
+        self.rng = np.random.default_rng(seed)
+        # Datasets are drawn uniformly, then a class, then a slice: small datasets are not drowned out.
+        self.classes_by_dataset: dict[str, list[str]] = {}
+        for name in catalog.names:
+            for dataset in bank.datasets_of(name):
+                self.classes_by_dataset.setdefault(dataset, []).append(name)
+        self.datasets = sorted(self.classes_by_dataset)
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    def sample(self, batch_size: int) -> TaskBatch:
+        c = self.config
+        mode = self.rng.choice(["semantic", "in_context", "interactive"], p=np.array([c.semantic, c.in_context, c.interactive]) / (c.semantic + c.in_context + c.interactive))
+        names, query_ids, values = [], [], []
+        for _ in range(batch_size):
+            while True:
+                dataset = self.datasets[self.rng.integers(len(self.datasets))]
+                name = self.classes_by_dataset[dataset][self.rng.integers(len(self.classes_by_dataset[dataset]))]
+                slice_id, value = self._slice_with(name, dataset)
+                # A class seen on a single slice has no reference that is not the target itself.
+                if mode != "in_context" or self._reference_pool(name, slice_id):
+                    break
+            if mode == "semantic" and self.rng.random() < c.negative_rate:
+                slice_id = self._negative_slice(dataset, name, slice_id)
+            names.append(name), query_ids.append(slice_id), values.append(value)
+        targets = torch.stack([self.bank.mask(i, v) for i, v in zip(query_ids, values)])
+        batch = TaskBatch(str(mode), query_ids, targets, class_names=names)
+        if mode == "semantic":
+            batch.class_ids = torch.tensor([self.catalog.index(n) for n in names])
+        elif mode == "in_context":
+            batch.ref_ids, masks = [], []
+            for name, query, value in zip(names, query_ids, values):
+                refs = [self._reference(name, query) for _ in range(c.references)]
+                batch.ref_ids.append([r for r, _ in refs])
+                masks.append(torch.stack([self.bank.mask(r, v) for r, v in refs]))
+            batch.ref_masks = torch.stack(masks)
+        if mode == "interactive":
+            draw = self.rng.random()
+            batch.first_prompt = "box" if draw < c.first_prompt_box else (
+                "scribble" if draw < c.first_prompt_box + c.first_prompt_scribble else "click")
+            batch.correction_rounds = int(self.rng.integers(0, c.max_correction_rounds + 1))
+        elif self.rng.random() < c.knowledge_then_clicks:
+            batch.correction_rounds = int(self.rng.integers(1, c.max_correction_rounds + 1))
+        return batch
+
+    def _slice_with(self, name: str, dataset: str) -> tuple[int, int]:
+        candidates = [(i, v) for i, v in self.bank.by_class[name] if self.bank.records[i].dataset == dataset]
+        return candidates[self.rng.integers(len(candidates))]
+
+    def _negative_slice(self, dataset: str, name: str, fallback: int) -> int:
+        has = {i for i, _ in self.bank.by_class[name]}
+        pool = [i for i, r in enumerate(self.bank.records) if r.dataset == dataset and i not in has]
+        return pool[self.rng.integers(len(pool))] if pool else fallback
+
+    def _reference(self, name: str, query: int) -> tuple[int, int]:
+        pool = self._reference_pool(name, query)
+        return pool[self.rng.integers(len(pool))]
+
+    def _reference_pool(self, name: str, query: int) -> list[tuple[int, int]]:
+        """Another case with the class (same dataset first), else a distant slice of the same volume."""
+        q = self.bank.records[query]
+        pairs = self.bank.by_class[name]
+        other_case = [(i, v) for i, v in pairs if self.bank.records[i].case_id != q.case_id]
+        same_set = [(i, v) for i, v in other_case if self.bank.records[i].dataset == q.dataset]
+        distant = [(i, v) for i, v in pairs if self.bank.records[i].case_id == q.case_id
+                   and abs(self.bank.records[i].slice_index - q.slice_index) >= MIN_SLICE_DISTANCE]
+        return same_set or distant or other_case

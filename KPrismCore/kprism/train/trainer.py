@@ -1,0 +1,255 @@
+"""The KPrism trainer: three-mode tasks, correction rounds, exact resume, data-parallel with torchrun.
+
+Run it with `kprism train CONFIG` (one process) or `torchrun --nproc_per_node N -m kprism.cli train CONFIG`
+(each rank samples its own tasks; gradients are averaged with torch.distributed all-reduce).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..catalog import ClassCatalog
+from ..data.slices import SliceBank, build_slice_bank
+from ..model import KPrismModel, Prompts, build_model, preset
+from ..weights import save_checkpoint
+from .augment import augment_batch, build_augmentation
+from .interactions import correction_clicks, first_prompts
+from .losses import total_loss
+from .tasks import TaskBatch, TaskConfig, TaskSampler
+
+
+@dataclass
+class TrainConfig:
+    datasets: list[str]
+    output: str  # final weights (.safetensors)
+    run_dir: str = "runs/kprism"
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    classes: Optional[list[str]] = None  # default: every class found in the datasets
+    steps: int = 10000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 300
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 2
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "deep": 0.4, "balance": 0.01, "quality": 0.5})
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base_dir: Path = Path(".")) -> "TrainConfig":
+        values = dict(values)
+        if "datasets" not in values or "output" not in values:
+            raise ValueError("A training config needs at least 'datasets' (list of folders) and 'output' (weights file).")
+        values["task"] = TaskConfig(**values.get("task", {}))
+        # Relative paths in a config file are relative to that file, so configs work from any directory.
+        def anchor(path: str) -> str:
+            return str((base_dir / path).resolve())  # an absolute path passes through unchanged
+
+        values["datasets"] = [anchor(d) for d in values["datasets"]]
+        for key in ("output", "run_dir"):
+            if key in values:
+                values[key] = anchor(values[key])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """What must match for a resume to be the same run (steps and logging may change)."""
+        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "threads", "run_dir", "output")}
+        return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    return TrainConfig.from_dict(values, base_dir=path.parent)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier stepped per iteration; starts above zero (an LR of 0 wastes the first steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, bank: Optional[SliceBank] = None, show_progress: bool = True):
+        self.config = config
+        self.rank, self.world = _distributed_rank()
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed + self.rank)
+        self.run_dir = Path(config.run_dir)
+        model_config = preset(config.preset, **config.model_overrides)
+        self.bank = bank or build_slice_bank(config.datasets, model_config.image_size)
+        self.catalog = ClassCatalog.from_names(config.classes or self.bank.class_names)
+        model_config = preset(config.preset, **{**config.model_overrides, "num_classes": len(self.catalog)})
+        self.model: KPrismModel = build_model(model_config)
+        self.sampler = TaskSampler(self.bank, self.catalog, config.task, seed=config.seed + 1000 * self.rank)
+        self.rng = np.random.default_rng(config.seed + 7 + 1000 * self.rank)
+        self.augmentation = build_augmentation(model_config.image_size, config.seed + self.rank)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+        self.step = 0
+        self.show_progress = show_progress and self.rank == 0
+
+    # -------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.config.fingerprint(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state(),
+            "rng": self.rng.bit_generator.state,
+            "augmentation": self.augmentation,  # pickled whole: nested transforms keep RNGs of their own
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_state(self) -> Path:
+        """Atomically write the resumable state (model, optimizer, scheduler, every RNG)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "last.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def resume(self) -> bool:
+        """Continue from run_dir/last.pt if present; a checkpoint of another config is refused."""
+        path = self.run_dir / "last.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != self.config.fingerprint():
+            raise ValueError(
+                f"{path} was written by a different training config (fingerprint {state['fingerprint']}, "
+                f"this config {self.config.fingerprint()}); use another run_dir or the original config."
+            )
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.set_state(state["sampler"])
+        self.rng.bit_generator.state = state["rng"]
+        self.augmentation = state["augmentation"]
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        return True
+
+    # -------------------------------------------------------------------------------- steps
+    def train_step(self, batch: TaskBatch) -> dict[str, float]:
+        self.model.train()
+        images = torch.stack([self.bank.images[i] for i in batch.query_ids])
+        images, targets = augment_batch(self.augmentation, images, batch.targets)
+        prompts = Prompts(class_ids=batch.class_ids)
+        b = len(batch.query_ids)
+        if batch.ref_ids is not None:
+            flat = [r for refs in batch.ref_ids for r in refs]
+            ref_images = torch.stack([self.bank.images[i] for i in flat])
+            ref_images, ref_masks = augment_batch(self.augmentation, ref_images, batch.ref_masks.flatten(0, 1))
+            features = self.model.encode(torch.cat([images, ref_images]))
+            k = len(batch.ref_ids[0])
+            query = type(features)(features.embedding[:b], tuple(s[:b] for s in features.skips))
+            prompts.ref_features = features.embedding[b:].view(b, k, *features.embedding.shape[1:])
+            prompts.ref_masks = ref_masks.view(b, k, 1, *ref_masks.shape[-2:])
+        else:
+            query = self.model.encode(images)
+        numpy_targets = (targets > 0.5).numpy()
+        clicks: list[list] = [[] for _ in range(b)]
+        if batch.mode == "interactive":
+            clicks = first_prompts(prompts, numpy_targets, batch.first_prompt, self.rng)
+        for _ in range(batch.correction_rounds):
+            # Rounds run without gradients, like a user looking at the result before clicking again.
+            with torch.no_grad():
+                logits = torch.nn.functional.interpolate(self.model.decode(query, prompts).logits, size=targets.shape[-2:], mode="bilinear")
+            correction_clicks(prompts, logits, numpy_targets, clicks, self.rng)
+        prediction = self.model.decode(query, prompts)
+        parts = total_loss(prediction, targets, self.config.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.world > 1:
+            _average_gradients(self.model, self.world)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def fit(self, until: Optional[int] = None) -> Optional[Path]:
+        """Train to `config.steps` (or pause at step `until`), checkpointing as it goes.
+
+        Returns the exported weights path, or None when paused before the end (resume with `fit()`).
+        """
+        resumed = self.resume()
+        log_path = self.run_dir / "log.csv"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.show_progress, desc="train", unit="step")
+        started, start_step = time.time(), self.step
+        with open(log_path, "a", newline="") as log:
+            writer = csv.writer(log)
+            if not resumed and self.rank == 0:
+                writer.writerow(["step", "mode", "loss", "mask", "deep", "balance", "quality", "lr", "elapsed_s"])
+            while self.step < min(self.config.steps, until or self.config.steps):
+                batch = self.sampler.sample(self.config.batch_size)
+                parts = self.train_step(batch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", mode=batch.mode[:5])
+                if self.rank == 0 and self.step % self.config.log_every == 0:
+                    writer.writerow([self.step, batch.mode] + [round(parts[k], 5) for k in ("loss", "mask", "deep", "balance", "quality")]
+                                    + [self.scheduler.get_last_lr()[0], round(time.time() - started, 1)])
+                    log.flush()
+                if self.rank == 0 and self.step % self.config.checkpoint_every == 0:
+                    self.save_state()
+        bar.close()
+        if self.rank != 0:
+            return Path(self.config.output)
+        self.save_state()
+        if self.step < self.config.steps:
+            return None
+        elapsed = time.time() - started
+        training = {"steps": self.step, "preset": self.config.preset, "datasets": [Path(d).name for d in self.config.datasets],
+                    "batch_size": self.config.batch_size, "wall_time_s_this_run": round(elapsed, 1),
+                    "steps_per_hour": round((self.step - start_step) / max(elapsed, 1e-9) * 3600)}
+        save_checkpoint(self.model, self.config.output, self.model.config, self.catalog, training=training)
+        return Path(self.config.output)
+
+
+def _distributed_rank() -> tuple[int, int]:
+    """Joins the torchrun process group when launched by torchrun; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Tasks differ per rank (different prompt kinds), so some parameters get no gradient on a rank.
+    DistributedDataParallel would hang waiting for those; an explicit all-reduce treats them as zero."""
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world

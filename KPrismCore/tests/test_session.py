@@ -1,0 +1,185 @@
+"""KPrismSession: coordinates and geometry, every prompt kind, undo, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kprism.catalog import UnknownClassError
+from kprism.image import Geometry, ImageData
+from kprism.session import KPrismSession, Reference
+
+
+def oblique_geometry() -> Geometry:
+    """A rotated, anisotropic, left-handed-looking grid (rotation about two axes plus a flip of i)."""
+    a, b = np.radians(25), np.radians(-10)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    direction = rz @ rx @ np.diag([-1.0, 1.0, 1.0])
+    return Geometry((0.7, 0.9, 2.5), (-120.0, 35.5, 210.0), tuple(direction.ravel()))
+
+
+@pytest.fixture()
+def session(tiny_model):
+    model, catalog = tiny_model
+    return KPrismSession(model, catalog=catalog, device="cpu")
+
+
+def test_ras_click_lands_on_the_intended_voxel_of_an_oblique_volume(session):
+    geometry = oblique_geometry()
+    volume = np.zeros((12, 40, 50), np.float32)
+    k, j, i = 7, 23, 31
+    volume[k, j, i] = 999.0  # a marker only this voxel carries
+    session.set_image(volume, geometry=geometry, modality="ct")
+    for coordinates, point in [("ijk", [i, j, k]), ("lps", geometry.index_to_lps([i, j, k])),
+                               ("ras", geometry.index_to_ras([i, j, k]))]:
+        index, (row, col) = session.locate(point, coordinates)
+        assert session.canonical_slice(index)[int(row), int(col)] == 999.0, coordinates
+
+
+def test_click_changes_only_the_clicked_slice_and_keeps_the_source_grid(session):
+    geometry = oblique_geometry()
+    volume = np.random.default_rng(0).normal(size=(12, 40, 50)).astype(np.float32)
+    session.set_image(volume, geometry=geometry, modality="mri")
+    point = geometry.index_to_ras([10, 20, 5])
+    result = session.add_click(point, positive=True, coordinates="ras")
+    assert result.probability.shape == volume.shape
+    assert result.geometry == geometry
+    changed = np.argwhere(result.probability > 0)
+    assert changed.size and np.all(changed[:, 0] == 5)  # axial slice k = 5 (array axis 0)
+    assert np.isfinite(result.slice_quality[5]) and np.isnan(result.slice_quality[4])
+
+
+def test_every_prompt_kind_and_undo(session):
+    image = np.random.default_rng(1).uniform(0, 255, (80, 100)).astype(np.float32)
+    session.set_image(image, modality="x-ray")
+    first = session.add_click([50, 40]).probability.copy()
+    second = session.add_click([10, 10], positive=False).probability.copy()
+    assert not np.array_equal(first, second)
+    scribble = np.zeros_like(image)
+    scribble[40, 30:60] = 1
+    session.add_scribble(scribble)
+    session.add_box([20, 20], [80, 60])
+    assert len(session._history) == 4
+    session.undo()
+    session.undo()
+    np.testing.assert_array_equal(session.result().probability, second)
+    session.undo()
+    np.testing.assert_array_equal(session.result().probability, first)
+    session.reset()
+    assert session.result() is None
+
+
+def test_semantic_then_clicks_refines_the_class_result(session):
+    image = np.random.default_rng(2).uniform(0, 255, (64, 64)).astype(np.float32)
+    session.set_image(image)
+    results = session.segment_semantic(["disk", "ring"])
+    assert set(results) == {"disk", "ring"} and session.result() is None  # two classes: nothing to refine
+    base = session.segment_semantic(["disk"])["disk"].probability.copy()
+    refined = session.add_click([32, 32])
+    assert session._knowledge is not None and session._knowledge.class_ids.tolist() == [0]
+    assert not np.array_equal(base, refined.probability)
+
+
+def test_prior_mask_can_be_refined(session):
+    image = np.random.default_rng(3).uniform(0, 255, (64, 64)).astype(np.float32)
+    session.set_image(image)
+    prior = np.zeros((64, 64), np.uint8)
+    prior[10:30, 10:30] = 1
+    np.testing.assert_array_equal(session.set_prior_mask(prior).mask, prior)
+    refined = session.add_click([50, 50])
+    assert refined.probability.shape == (64, 64)
+
+
+def test_three_d_box_prompts_every_slice_in_range(session):
+    volume = np.random.default_rng(4).normal(size=(10, 32, 32)).astype(np.float32)
+    session.set_image(volume, modality="mri")
+    result = session.add_box([5, 5, 2], [20, 25, 6])
+    touched = np.unique(np.argwhere(result.probability > 0)[:, 0])
+    np.testing.assert_array_equal(touched, np.arange(2, 7))
+    session.undo()  # the whole 3D box is one interaction
+    assert session.result().probability.max() == 0
+
+
+def test_in_context_accepts_a_reference_of_another_size_and_spacing(session):
+    target = np.random.default_rng(5).uniform(0, 255, (70, 90)).astype(np.float32)
+    reference = ImageData(np.random.default_rng(6).uniform(0, 255, (40, 50)).astype(np.float32),
+                          Geometry((0.5, 0.5), (3.0, 4.0), (1.0, 0.0, 0.0, 1.0)))
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:25, 15:35] = 1
+    session.set_image(target)
+    result = session.segment_in_context([Reference(reference, mask)])
+    assert result.probability.shape == target.shape
+    # A mask saved at another size is resampled onto its reference image, not rejected.
+    result = session.segment_in_context([(reference, np.kron(mask, np.ones((2, 2), np.uint8)))])
+    assert np.isfinite(result.probability).all()
+
+
+def test_three_d_reference_uses_its_largest_slice(session):
+    volume = np.random.default_rng(7).normal(size=(6, 32, 32)).astype(np.float32)
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[4, 10:20, 10:20] = 1
+    session.set_image(volume[3], modality="mri")
+    result = session.segment_in_context([Reference(ImageData(volume, modality="mri"), mask)])
+    assert result.probability.shape == (32, 32)
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_nan_and_inf_voxels_give_finite_results(session):
+    image = np.random.default_rng(8).normal(size=(48, 48)).astype(np.float32)
+    image[5:10, 5:10] = np.nan
+    image[20, :] = np.inf
+    image[30, :] = -np.inf
+    session.set_image(image)
+    assert np.isfinite(session.add_click([24, 24]).probability).all()
+
+
+def test_constant_image_is_segmented_without_error(session):
+    session.set_image(np.full((40, 40), 7.0, np.float32))
+    result = session.segment_semantic(["disk"])["disk"]
+    assert np.isfinite(result.probability).all()
+
+
+@pytest.mark.parametrize("shape", [(50,), (2, 3, 4, 5)])
+def test_one_d_and_four_d_input_are_refused(session, shape):
+    with pytest.raises(ValueError, match="2D images and 3D volumes"):
+        session.set_image(np.zeros(shape, np.float32))
+
+
+def test_empty_reference_mask_is_refused(session):
+    session.set_image(np.zeros((32, 32), np.float32))
+    with pytest.raises(ValueError, match="mask is empty"):
+        session.segment_in_context([Reference(ImageData(np.ones((32, 32))), np.zeros((32, 32)))])
+
+
+@pytest.mark.parametrize("point", [[-1, 5], [5, 40], [32, 0]])
+def test_click_outside_the_image_is_refused(session, point):
+    session.set_image(np.zeros((40, 32), np.float32))
+    with pytest.raises(ValueError, match="outside the image"):
+        session.add_click(point)
+    assert session.result() is None  # nothing changed
+
+
+def test_unknown_class_lists_the_known_ones(session):
+    session.set_image(np.zeros((32, 32), np.float32))
+    with pytest.raises(UnknownClassError, match="Known classes: disk, square, ring"):
+        session.segment_semantic(["liver"])
+
+
+def test_point_with_the_wrong_number_of_coordinates(session):
+    session.set_image(np.zeros((4, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="needs 3 coordinates"):
+        session.add_click([3, 4])
+
+
+def test_prompts_before_an_image_are_a_clear_error(session):
+    with pytest.raises(RuntimeError, match="set_image"):
+        session.add_click([1, 1])
+
+
+def test_feature_cache_respects_its_memory_bound(tiny_model):
+    model, catalog = tiny_model
+    session = KPrismSession(model, catalog=catalog, device="cpu", cache_mb=3)
+    session.set_image(np.random.default_rng(9).normal(size=(6, 32, 32)).astype(np.float32))
+    session.features(list(range(6)))
+    assert session._cache.nbytes <= 3 * 2**20 and len(session._cache) < 6

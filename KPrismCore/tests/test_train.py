@@ -1,0 +1,101 @@
+"""The trainer learns on generated data, and a resumed run continues exactly like an unbroken one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kprism.train.tasks import TaskConfig
+from kprism.train.trainer import TrainConfig, Trainer, load_config, warmup_cosine
+from kprism.weights import load_model
+
+from .synthetic import make_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "Dataset900_Shapes")
+
+
+def config(dataset, tmp_path, **overrides) -> TrainConfig:
+    values = dict(datasets=[str(dataset)], output=str(tmp_path / "model.safetensors"), run_dir=str(tmp_path / "run"),
+                  model_overrides={"image_size": 64}, steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3,
+                  log_every=1, threads=1, lr=2e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_loss_falls_within_a_few_dozen_steps(dataset, tmp_path):
+    cfg = config(dataset, tmp_path, steps=40, warmup_steps=5, task=TaskConfig(semantic=1.0, in_context=0.0, interactive=0.0, knowledge_then_clicks=0.0))
+    trainer = Trainer(cfg, show_progress=False)
+    losses = [trainer.train_step(trainer.sampler.sample(cfg.batch_size))["mask"] for _ in range(cfg.steps)]
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), losses
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    straight = Trainer(config(dataset, tmp_path / "a"), show_progress=False)
+    straight.fit()
+    first = Trainer(config(dataset, tmp_path / "b"), show_progress=False)
+    assert first.fit(until=3) is None
+    resumed = Trainer(config(dataset, tmp_path / "b", steps=6), show_progress=False)
+    resumed.fit()
+    assert resumed.step == 6
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_from_another_config_is_refused(dataset, tmp_path):
+    Trainer(config(dataset, tmp_path), show_progress=False).fit(until=3)
+    other = Trainer(config(dataset, tmp_path, steps=6, lr=5e-4), show_progress=False)
+    with pytest.raises(ValueError, match="different training config"):
+        other.fit()
+
+
+def test_exported_weights_load_strictly_with_the_catalog(dataset, tmp_path):
+    cfg = config(dataset, tmp_path, steps=2)
+    path = Trainer(cfg, show_progress=False).fit()
+    model, catalog, checkpoint = load_model(path)
+    assert catalog.names == ["disk", "square"]
+    assert checkpoint.training["steps"] == 2
+    assert model.config.image_size == 64
+
+
+def test_every_mode_and_first_prompt_trains(dataset, tmp_path):
+    trainer = Trainer(config(dataset, tmp_path), show_progress=False)
+    for mode, first in [("semantic", "none"), ("in_context", "none"), ("interactive", "click"),
+                        ("interactive", "box"), ("interactive", "scribble")]:
+        batch = trainer.sampler.sample(2)
+        batch.mode, batch.first_prompt, batch.correction_rounds = mode, first, 2
+        if mode != "semantic":
+            batch.class_ids = None
+        if mode == "in_context" and batch.ref_ids is None:
+            refs = [trainer.sampler._reference(n, q) for n, q in zip(batch.class_names, batch.query_ids)]
+            batch.ref_ids = [[r] for r, _ in refs]
+            batch.ref_masks = torch.stack([trainer.bank.mask(r, v)[None] for r, v in refs])
+        if mode == "semantic" and batch.class_ids is None:
+            batch.class_ids = torch.tensor([trainer.catalog.index(n) for n in batch.class_names])
+        parts = trainer.train_step(batch)
+        assert np.isfinite(parts["loss"]), (mode, first)
+
+
+def test_config_files_resolve_paths_relative_to_themselves(tmp_path, dataset):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "train.yaml"
+    path.write_text(f"datasets: [{dataset}]\noutput: out/model.safetensors\nrun_dir: run\nsteps: 5\n")
+    cfg = load_config(path)
+    assert cfg.output == str(tmp_path / "cfg" / "out" / "model.safetensors")
+    assert cfg.run_dir == str(tmp_path / "cfg" / "run")
+
+
+def test_config_without_datasets_names_the_missing_field(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"steps": 5}')
+    with pytest.raises(ValueError, match="datasets"):
+        load_config(path)
+
+
+def test_learning_rate_never_starts_at_zero():
+    assert warmup_cosine(0, 100, 1000) > 0
+    assert warmup_cosine(99, 100, 1000) == pytest.approx(1.0)
+    assert warmup_cosine(1000, 100, 1000) == pytest.approx(0.02)

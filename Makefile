@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each creates ./.venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Spinning OpenMP threads make torch 3-35x slower whenever anything else uses the CPU.
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: demo test setup clean
+
+$(BIN)/.kprism-installed: KPrismCore/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch (or monai into a venv without torch) pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e "KPrismCore[test]"
+	touch $@
+
+setup: $(BIN)/.kprism-installed
+
+demo: setup
+	$(BIN)/kprism demo --out kprism-demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest KPrismCore/tests Testing -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) kprism-demo
