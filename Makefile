@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/kprism demo --out kprism-demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest KPrismCore/tests Testing -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) kprism-demo

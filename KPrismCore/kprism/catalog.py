@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 # A fixed palette so the same class keeps its colour between runs and tools.
-_PALETTE = [
+PALETTE = [
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
 ]
@@ -35,7 +35,7 @@ class ClassCatalog:
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> "ClassCatalog":
-        return cls(ClassEntry(n, _PALETTE[i % len(_PALETTE)]) for i, n in enumerate(names))
+        return cls(ClassEntry(n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(names))
 
     @classmethod
     def from_list(cls, items: list[dict[str, Any]]) -> "ClassCatalog":

@@ -68,16 +68,17 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
             break
         row, col = click.point
         result = session.add_click([col, row, k], positive=click.positive)  # IJK = [column, row, slice]
-        clicks.append((row, col, click.positive))
+        shown_slice, (shown_row, shown_col) = session.locate([col, row, k])  # where the overview draws it
+        clicks.append((shown_row, shown_col, click.positive))
         prediction = result.mask[k] > 0
     scores[f"interactive: CT {CT_CLASS}, {len(clicks)} clicks (slice Dice)"] = dice(prediction, organ[k])
     _write(out / f"ct_{CT_CLASS}_clicks.seg.nrrd", result.mask, ct, CT_CLASS, session)
-    panels.append({"image": ct, "labels": result.mask, "slice_index": k, "points": clicks,
+    panels.append({"image": ct, "labels": result.mask, "slice_index": shown_slice, "points": clicks,
                    "title": f"{len(clicks)} clicks on CT {CT_CLASS}  Dice {dice(prediction, organ[k]):.3f}"})
 
     overview = render_panels(panels, out / "overview.png", columns=3)
     elapsed = time.perf_counter() - started
-    print("KPrism demo — bundled model on bundled sample cases (Dice against their truth):")
+    print("KPrism demo: bundled model on bundled sample cases (Dice against their truth):")
     for name, score in scores.items():
         print(f"  {name:<50s} {score:.3f}")
     print(f"wrote {len(panels)} panels to {overview} and segmentations to {out}/ in {elapsed:.1f} s")

@@ -23,8 +23,9 @@ import PIL.Image
 import SimpleITK as sitk
 import slicerio
 
-from .catalog import _PALETTE
+from .catalog import PALETTE
 from .image import Geometry, ImageData
+from .orientation import CanonicalView
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -573,7 +574,7 @@ def _check_header_text(text: str, forbidden: str) -> None:
 
 def _default_color(value: int) -> tuple[int, int, int]:
     # The catalog's palette, so label value i + 1 gets class i's colour.
-    return _PALETTE[(value - 1) % len(_PALETTE)]
+    return PALETTE[(value - 1) % len(PALETTE)]
 
 
 def _unit_rgb(color: Sequence[float]) -> tuple[float, float, float]:
@@ -604,8 +605,9 @@ def render_overlay(
 ) -> Path:
     """Save a PNG quick look of a 2D image, or of one slice of a volume, with the labels on top.
 
-    For a volume, ``axis`` is the array axis sliced (0: k) and ``slice_index`` defaults to the slice
-    with the most foreground. The picture is the slice zoomed by a whole factor until its longer side
+    A volume is shown in its canonical LPS view (`kprism.orientation`): ``axis`` 0 axial, 1 coronal,
+    2 sagittal; ``slice_index`` (along that axis of the view) defaults to the slice with the most
+    foreground. The picture is the slice zoomed by a whole factor until its longer side
     is at least 512 pixels, with rows stretched by the pixel aspect ratio; ``points`` are (row, column,
     positive) on the slice, drawn as green + or red −.
     """
@@ -663,12 +665,17 @@ def _view(
         return image.array, labels, spacing[0] / spacing[1]
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2 for a volume; got {axis}.")
+    # Volumes are shown in the canonical LPS view, as a radiologist expects (patient right on the
+    # screen's left) and exactly as the model slices them.
+    view = CanonicalView.of(image.geometry, image.spatial_shape)
+    array, labels = view.to_canonical(image.array), view.to_canonical(labels)
+    spacing = tuple(spacing[p] for p in view.permutation)
     if slice_index is None:
         foreground = np.count_nonzero(labels, axis=tuple(a for a in range(3) if a != axis))
         slice_index = int(np.argmax(foreground)) if foreground.any() else labels.shape[axis] // 2
     rows, columns = (a for a in range(3) if a != axis)
     aspect = spacing[rows] / spacing[columns]
-    return np.take(image.array, slice_index, axis), np.take(labels, slice_index, axis), aspect
+    return np.take(array, slice_index, axis), np.take(labels, slice_index, axis), aspect
 
 
 def _draw(

@@ -1,0 +1,151 @@
+"""`kprism` end to end, as a user runs it: real files in, real files out, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kprism.cli import main
+from kprism.io import read_image, read_segmentation
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "kprism.cli", *args], capture_output=True, encoding="utf-8", env=env, timeout=300)
+
+
+def oblique_ct(path: Path) -> sitk.Image:
+    """A bright ellipsoid in an oblique, anisotropic CT volume."""
+    size = (48, 40, 12)  # i, j, k
+    k, j, i = np.mgrid[: size[2], : size[1], : size[0]]
+    array = np.where(((i - 24) / 10) ** 2 + ((j - 20) / 8) ** 2 + ((k - 6) / 4) ** 2 <= 1, 60, -900).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 1.1, 3.0))
+    image.SetOrigin((-30.0, 12.5, 88.0))
+    a = np.radians(20)
+    image.SetDirection(tuple((np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])).ravel()))
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def test_segment_with_ras_prompts_keeps_geometry_and_hits_the_clicked_voxel(tmp_path):
+    image = oblique_ct(tmp_path / "ct.nii.gz")
+    voxel = (24, 20, 6)  # the ellipsoid's centre, i j k
+    lps = np.array(image.TransformIndexToPhysicalPoint(voxel))
+    ras = (lps * [-1, -1, 1]).tolist()
+    (tmp_path / "prompts.json").write_text(json.dumps(
+        {"coordinates": "ras", "points": [{"position": ras, "positive": True}]}))
+    out = tmp_path / "out" / "seg.nii.gz"
+    result = run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "prompts.json"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    written = sitk.ReadImage(str(out))
+    assert written.GetSize() == image.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin())
+    np.testing.assert_allclose(written.GetDirection(), image.GetDirection())
+    labels = sitk.GetArrayFromImage(written)
+    assert labels[voxel[2], voxel[1], voxel[0]] == 1  # the positive click is inside the result
+    assert set(np.unique(labels[voxel[2]]).tolist()) <= {0, 1}
+
+
+def test_semantic_classes_write_a_named_coloured_slicer_segmentation(tmp_path):
+    from kprism.samples import sample_path
+
+    out = tmp_path / "lung.seg.nrrd"
+    assert main(["segment", str(sample_path("chest_xray", "MCUCXR_0013_0.png")), "--classes", "lung", "--out", str(out)]) == 0
+    labels, geometry, segments = read_segmentation(out)
+    assert [s["name"] for s in segments] == ["lung"]
+    assert "KPrism.Provenance" in segments[0]["tags"]
+    truth = read_image(sample_path("chest_xray", "MCUCXR_0013_0_lung.png")).array > 0
+    predicted = labels[0] > 0
+    assert 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()) > 0.8
+
+
+def test_in_context_reference_on_the_command_line(tmp_path):
+    from kprism.samples import sample_path
+
+    out = tmp_path / "head.png"
+    code = main(["segment", str(sample_path("fetal_head", "hc18_013.png")),
+                 "--reference", str(sample_path("fetal_head", "hc18_023.png")), str(sample_path("fetal_head", "hc18_023_fetal_head.png")),
+                 "--out", str(out), "--overlay", str(tmp_path / "look.png")])
+    assert code == 0
+    assert read_image(out).array.max() == 1 and (tmp_path / "look.png").stat().st_size > 10_000
+
+
+def test_demo_writes_segmentations_and_an_overview(tmp_path):
+    result = run("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "overview.png").stat().st_size > 50_000
+    assert len(list((tmp_path / "demo").glob("*.seg.nrrd"))) == 3
+    assert "semantic: lung" in result.stdout
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    oblique_ct(image)
+    before = image.read_bytes()
+    result = run("segment", str(image), "--classes", "liver", "--out", str(image))
+    assert result.returncode == 1 and "Refusing to overwrite the input" in result.stderr
+    assert image.read_bytes() == before
+
+
+def test_unwritable_output_is_reported_before_any_work(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    oblique_ct(image)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run("segment", str(image), "--classes", "liver", "--out", str(blocker / "seg.nii.gz"))
+    assert result.returncode == 1 and "Cannot create the output folder" in result.stderr
+
+
+def test_unknown_class_lists_the_known_classes(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    oblique_ct(image)
+    result = run("segment", str(image), "--classes", "livr", "--out", str(tmp_path / "x.nii.gz"))
+    assert result.returncode == 1
+    assert "Unknown class 'livr'" in result.stderr and "Did you mean liver" in result.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_bad_prompt_file_names_the_problem(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    oblique_ct(image)
+    (tmp_path / "p.json").write_text('{"points": [{"positive": true}]}')
+    result = run("segment", str(image), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.nii.gz"))
+    assert result.returncode == 1 and "points[0] needs the keys ['position']" in result.stderr
+
+
+def test_click_outside_the_volume_is_a_clear_error(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    oblique_ct(image)
+    (tmp_path / "p.json").write_text('{"points": [{"position": [500, 5, 5], "positive": true}]}')
+    result = run("segment", str(image), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.nii.gz"))
+    assert result.returncode == 1 and "outside the image" in result.stderr
+
+
+def test_models_list_and_verify():
+    listed = run("models", "list")
+    assert listed.returncode == 0 and "kprism-tiny" in listed.stdout and "lung" in listed.stdout
+    verified = run("models", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_corrupt_model_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(1000))
+    result = run("segment", str(tmp_path / "missing.png"), "--classes", "lung", "--model", str(bad), "--out", str(tmp_path / "o.png"))
+    assert result.returncode == 1
+
+
+@pytest.mark.parametrize("command", [[], ["segment"], ["demo"], ["models"], ["models", "list"], ["models", "verify"],
+                                     ["models", "download"], ["train"]])
+def test_help_everywhere(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: kprism" in result.stdout

@@ -1,0 +1,106 @@
+"""Latency of the KPrismSession API on this machine: slice encoding and per-click answers.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/latency.py [--model PATH] [--out benchmarks/results]
+
+Targets for the `tiny` preset on a 2-core CPU: a click with a cached embedding p50 ≤ 30 ms and
+p95 ≤ 60 ms; encoding one 256² slice ≤ 80 ms. Writes latency.md and latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kprism.session import KPrismSession  # noqa: E402
+
+TARGETS = {"click_p50": 30.0, "click_p95": 60.0, "encode_p50": 80.0}
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    return {"p50": float(np.percentile(samples, 50)), "p95": float(np.percentile(samples, 95)), "n": len(samples)}
+
+
+def measure(model: str | None, threads: int, image_side: int, clicks: int, encodes: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    session = KPrismSession(model, device="cpu", threads=threads)
+    image = rng.uniform(0, 255, (image_side, image_side)).astype(np.float32)
+
+    encode_ms = []
+    for n in range(encodes + 3):
+        session.set_image(image + n)  # a new image each time: nothing cached
+        start = time.perf_counter()
+        session.features([0])
+        if n >= 3:  # the first runs warm up allocators and kernels
+            encode_ms.append((time.perf_counter() - start) * 1000)
+
+    click_ms = []
+    session.set_image(image)
+    session.features([0])
+    for n in range(clicks + 3):
+        if n % 10 == 0:
+            session.reset()  # sequences of up to 10 clicks, as a user refines one structure
+        point = rng.integers(0, image_side, 2).tolist()
+        start = time.perf_counter()
+        session.add_click(point, positive=bool(n % 3))
+        if n >= 3:
+            click_ms.append((time.perf_counter() - start) * 1000)
+    return {"encode_ms": percentiles(encode_ms), "click_ms": percentiles(click_ms)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="weights (default: the bundled kprism-tiny)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-side", type=int, default=512, help="source image side; the model works at 256²")
+    parser.add_argument("--clicks", type=int, default=200)
+    parser.add_argument("--encodes", type=int, default=40)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    result = measure(args.model, args.threads, args.image_side, args.clicks, args.encodes)
+    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                         "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    checks = {
+        "click_p50": result["click_ms"]["p50"], "click_p95": result["click_ms"]["p95"], "encode_p50": result["encode_ms"]["p50"],
+    }
+    result["targets_met"] = {k: checks[k] <= TARGETS[k] for k in TARGETS}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("click, cached embedding, p50", checks["click_p50"], TARGETS["click_p50"]),
+        ("click, cached embedding, p95", checks["click_p95"], TARGETS["click_p95"]),
+        ("encode one slice (256² model input), p50", checks["encode_p50"], TARGETS["encode_p50"]),
+        ("encode one slice, p95", result["encode_ms"]["p95"], None),
+    ]
+    lines = [
+        "# KPrismSession latency (`tiny` preset, CPU)",
+        "",
+        f"{result['machine']['cores']} cores, {args.threads} torch threads, torch {torch.__version__}, "
+        f"{args.image_side}×{args.image_side} source image, {result['click_ms']['n']} clicks in sequences of ≤ 10, "
+        f"{result['encode_ms']['n']} encodings. A click's time includes prompt encoding, the MoE decoder, "
+        "upsampling to the source grid and the probability copy returned to the caller.",
+        "",
+        "| measure | ms | target | met |",
+        "|---|---:|---:|---|",
+    ]
+    for name, value, target in rows:
+        lines.append(f"| {name} | {value:.1f} | {'' if target is None else f'≤ {target:.0f}'} | "
+                     f"{'' if target is None else ('yes' if value <= target else 'NO')} |")
+    lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py`"]
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
