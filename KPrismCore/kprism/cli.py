@@ -49,11 +49,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verify.add_argument("model", nargs="?", default=None, help="name or path (default: kprism-tiny)")
     download = models_sub.add_parser("download", help="download a model into the Hugging Face cache (needs network)")
     download.add_argument("name")
+    evaluate = sub.add_parser("eval", help="Score a model on nnU-Net datasets (imagesTs/labelsTs, else imagesTr).")
+    evaluate.add_argument("--dataset", action="append", required=True, help="dataset folder (repeatable)")
+    evaluate.add_argument("--mode", default="all", choices=["semantic", "incontext", "interactive", "all"])
+    evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm"], help="click rule")
+    evaluate.add_argument("--clicks", type=int, default=20, help="clicks per target (default 20)")
+    evaluate.add_argument("--references", default="1,2", help="in-context reference counts, e.g. 1,2")
+    evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of each dataset")
+    evaluate.add_argument("--max-slices", type=int, default=5, help="labelled slices per label and volume (default 5)")
+    evaluate.add_argument("--json", help="write the summary (and per-item scores) here")
+    _add_runtime(evaluate)
     train = sub.add_parser("train", help="Train a model from a YAML or JSON config (see configs/).")
     train.add_argument("config")
     args = parser.parse_args(argv)
     try:
-        return {"segment": _segment, "demo": _demo, "models": _models, "train": _train}[args.command](args)
+        commands = {"segment": _segment, "demo": _demo, "models": _models, "eval": _eval, "train": _train}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("kprism: interrupted; no output was written partially.", file=sys.stderr)
         return 130
@@ -173,6 +184,30 @@ def _models(args: argparse.Namespace) -> int:
         print(message)
         return 0 if ok else 1
     print(f"downloaded to {weights.download_model(args.name)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .data.nnunet_v2 import load_dataset
+    from .evaluate.protocols import evaluate_dataset, summarise
+
+    modes = ("semantic", "incontext", "interactive") if args.mode == "all" else (args.mode,)
+    session = _session(args)
+    report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "datasets": {}}
+    for folder in args.dataset:
+        dataset = load_dataset(folder)
+        items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=args.clicks,
+                                 references=[int(r) for r in args.references.split(",")], max_cases=args.max_cases,
+                                 max_slices_per_label=args.max_slices, progress=lambda what: print(f"  {what}", file=sys.stderr))
+        summary = summarise(items)
+        report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), **summary, "items": [asdict(i) for i in items]}
+        print(f"{dataset.name}: " + json.dumps({k: v for k, v in summary.items()}, default=lambda x: round(x, 4)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -68,6 +68,16 @@ class CanonicalView:
         out[flips] = sizes[flips] - 1 - out[flips]
         return out
 
+    def index_from_canonical(self, canonical_index: np.ndarray) -> np.ndarray:
+        """The inverse of `index_to_canonical`: a canonical array index → the source array index."""
+        canonical = np.asarray(canonical_index, dtype=float).copy()
+        sizes = np.asarray(self.canonical_shape, dtype=float)
+        flips = np.asarray(self.flips)
+        canonical[flips] = sizes[flips] - 1 - canonical[flips]
+        source = np.empty_like(canonical)
+        source[list(self.permutation)] = canonical
+        return source
+
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         return tuple(self.source_shape[p] for p in self.permutation)
