@@ -21,7 +21,7 @@ def dataset(tmp_path_factory):
 def config(dataset, tmp_path, **overrides) -> TrainConfig:
     values = dict(datasets=[str(dataset)], output=str(tmp_path / "model.safetensors"), run_dir=str(tmp_path / "run"),
                   model_overrides={"image_size": 64}, steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3,
-                  log_every=1, threads=1, lr=2e-3)
+                  log_every=1, threads=1, lr=2e-3, val_every=0)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -99,3 +99,25 @@ def test_learning_rate_never_starts_at_zero():
     assert warmup_cosine(0, 100, 1000) > 0
     assert warmup_cosine(99, 100, 1000) == pytest.approx(1.0)
     assert warmup_cosine(1000, 100, 1000) == pytest.approx(0.02)
+
+
+def test_validation_writes_dice_per_dataset_and_mode(tmp_path):
+    root = make_shapes_dataset(tmp_path / "Dataset901_Split", cases=8)
+    (root / "imagesTs").mkdir()
+    (root / "labelsTs").mkdir()
+    for path in sorted((root / "imagesTr").glob("case0[67]_0000.png")):  # move two cases to a test split
+        case = path.name.replace("_0000.png", "")
+        path.rename(root / "imagesTs" / path.name)
+        (root / "labelsTr" / f"{case}.png").rename(root / "labelsTs" / f"{case}.png")
+    import json
+
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["numTraining"] = 6
+    (root / "dataset.json").write_text(json.dumps(meta))
+    trainer = Trainer(config(root, tmp_path, steps=2, val_every=2, val_per_dataset=2), show_progress=False)
+    trainer.fit()
+    rows = (tmp_path / "run" / "val.csv").read_text().splitlines()
+    assert rows[0] == "step,dataset,mode,dice"
+    modes = {r.split(",")[2] for r in rows[1:]}
+    assert modes == {"semantic", "in_context", "click"}
+    assert all(0 <= float(r.split(",")[3]) <= 1 for r in rows[1:])

@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from ..catalog import ClassCatalog
 from ..data.slices import SliceBank, build_slice_bank
-from ..model import KPrismModel, Prompts, build_model, preset
+from ..model import KPrismModel, Prompts, build_model, preset, upsample_logits
+from ..runtime import autocast, resolve_device
 from ..weights import save_checkpoint
 from .augment import augment_batch, build_augmentation
 from .interactions import correction_clicks, first_prompts
 from .losses import total_loss
 from .tasks import TaskBatch, TaskConfig, TaskSampler
+from .validate import validate, validation_items
 
 
 @dataclass
@@ -47,8 +49,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     log_every: int = 50
+    val_every: int = 1000  # 0 turns validation off
+    val_per_dataset: int = 4
     seed: int = 0
     threads: int = 2
+    device: str = "auto"
+    reference_gradients: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "deep": 0.4, "balance": 0.01, "quality": 0.5})
     task: TaskConfig = field(default_factory=TaskConfig)
 
@@ -70,7 +76,7 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """What must match for a resume to be the same run (steps and logging may change)."""
-        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "threads", "run_dir", "output")}
+        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "val_every", "val_per_dataset", "threads", "device", "run_dir", "output")}
         return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -105,7 +111,10 @@ class Trainer:
         self.bank = bank or build_slice_bank(config.datasets, model_config.image_size)
         self.catalog = ClassCatalog.from_names(config.classes or self.bank.class_names)
         model_config = preset(config.preset, **{**config.model_overrides, "num_classes": len(self.catalog)})
-        self.model: KPrismModel = build_model(model_config)
+        self.device = resolve_device(config.device)
+        self.model: KPrismModel = build_model(model_config).to(self.device)
+        # Mixed precision on CUDA only; on the CPU the scaler is a no-op.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         self.sampler = TaskSampler(self.bank, self.catalog, config.task, seed=config.seed + 1000 * self.rank)
         self.rng = np.random.default_rng(config.seed + 7 + 1000 * self.rank)
         self.augmentation = build_augmentation(model_config.image_size, config.seed + self.rank)
@@ -114,6 +123,10 @@ class Trainer:
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
         self.step = 0
         self.show_progress = show_progress and self.rank == 0
+        self.val_bank, self.val_items = None, []
+        if config.val_every and self.rank == 0:
+            self.val_bank = build_slice_bank(config.datasets, model_config.image_size, split="test")
+            self.val_items = validation_items(self.val_bank, self.bank, self.catalog, config.val_per_dataset, config.seed)
 
     # -------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -127,6 +140,7 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "augmentation": self.augmentation,  # pickled whole: nested transforms keep RNGs of their own
             "torch_rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict(),
         }
 
     def save_state(self) -> Path:
@@ -143,7 +157,7 @@ class Trainer:
         path = self.run_dir / "last.pt"
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=False)
         if state["fingerprint"] != self.config.fingerprint():
             raise ValueError(
                 f"{path} was written by a different training config (fingerprint {state['fingerprint']}, "
@@ -156,47 +170,59 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.augmentation = state["augmentation"]
         torch.set_rng_state(state["torch_rng"])
+        self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         return True
 
     # -------------------------------------------------------------------------------- steps
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
         self.model.train()
-        images = torch.stack([self.bank.images[i] for i in batch.query_ids])
-        images, targets = augment_batch(self.augmentation, images, batch.targets)
-        prompts = Prompts(class_ids=batch.class_ids)
-        b = len(batch.query_ids)
-        if batch.ref_ids is not None:
-            flat = [r for refs in batch.ref_ids for r in refs]
-            ref_images = torch.stack([self.bank.images[i] for i in flat])
-            ref_images, ref_masks = augment_batch(self.augmentation, ref_images, batch.ref_masks.flatten(0, 1))
-            features = self.model.encode(torch.cat([images, ref_images]))
-            k = len(batch.ref_ids[0])
-            query = type(features)(features.embedding[:b], tuple(s[:b] for s in features.skips))
-            prompts.ref_features = features.embedding[b:].view(b, k, *features.embedding.shape[1:])
-            prompts.ref_masks = ref_masks.view(b, k, 1, *ref_masks.shape[-2:])
-        else:
-            query = self.model.encode(images)
-        numpy_targets = (targets > 0.5).numpy()
-        clicks: list[list] = [[] for _ in range(b)]
+        query, prompts, targets = self._encode(batch)
+        numpy_targets = (targets > 0.5).cpu().numpy()
+        clicks: list[list] = [[] for _ in range(len(batch.query_ids))]
         if batch.mode == "interactive":
             clicks = first_prompts(prompts, numpy_targets, batch.first_prompt, self.rng)
         for _ in range(batch.correction_rounds):
             # Rounds run without gradients, like a user looking at the result before clicking again.
-            with torch.no_grad():
-                logits = torch.nn.functional.interpolate(self.model.decode(query, prompts).logits, size=targets.shape[-2:], mode="bilinear")
-            correction_clicks(prompts, logits, numpy_targets, clicks, self.rng)
-        prediction = self.model.decode(query, prompts)
-        parts = total_loss(prediction, targets, self.config.loss_weights)
+            with torch.no_grad(), autocast(self.device):
+                logits = upsample_logits(self.model.decode(query, prompts.to(self.device)).logits.float(), targets.shape[-2:])
+            correction_clicks(prompts, logits.cpu(), numpy_targets, clicks, self.rng)
+        with autocast(self.device):
+            prediction = self.model.decode(query, prompts.to(self.device))
+            parts = total_loss(prediction, targets, self.config.loss_weights)
+        self._optimise(parts["loss"])
+        return {k: float(v.detach()) for k, v in parts.items()}
+
+    def _encode(self, batch: TaskBatch):
+        """Augment and encode the queries (and references); returns features, base prompts, targets."""
+        images, targets = augment_batch(self.augmentation, torch.stack([self.bank.images[i] for i in batch.query_ids]), batch.targets)
+        images, targets = images.to(self.device), targets.to(self.device)
+        prompts = Prompts(class_ids=batch.class_ids)
+        with autocast(self.device):
+            query = self.model.encode(images)
+            if batch.ref_ids is not None:
+                b, k = len(batch.ref_ids), len(batch.ref_ids[0])
+                ref_images = torch.stack([self.bank.images[i] for refs in batch.ref_ids for i in refs])
+                ref_images, ref_masks = augment_batch(self.augmentation, ref_images, batch.ref_masks.flatten(0, 1))
+                # References are encoded without gradients: the query path trains the shared encoder,
+                # the fusion layers still learn from them, and a step costs a third less.
+                with torch.set_grad_enabled(self.config.reference_gradients):
+                    embedding = self.model.encode(ref_images.to(self.device)).embedding
+                prompts.ref_features = embedding.view(b, k, *embedding.shape[1:])
+                prompts.ref_masks = ref_masks.view(b, k, 1, *ref_masks.shape[-2:])
+        return query, prompts, targets
+
+    def _optimise(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
+        self.scaler.scale(loss).backward()
         if self.world > 1:
             _average_gradients(self.model, self.world)
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        return {k: float(v.detach()) for k, v in parts.items()}
 
     def fit(self, until: Optional[int] = None) -> Optional[Path]:
         """Train to `config.steps` (or pause at step `until`), checkpointing as it goes.
@@ -223,6 +249,8 @@ class Trainer:
                     log.flush()
                 if self.rank == 0 and self.step % self.config.checkpoint_every == 0:
                     self.save_state()
+                if self.val_items and self.step % self.config.val_every == 0:
+                    self.log_validation()
         bar.close()
         if self.rank != 0:
             return Path(self.config.output)
@@ -233,8 +261,22 @@ class Trainer:
         training = {"steps": self.step, "preset": self.config.preset, "datasets": [Path(d).name for d in self.config.datasets],
                     "batch_size": self.config.batch_size, "wall_time_s_this_run": round(elapsed, 1),
                     "steps_per_hour": round((self.step - start_step) / max(elapsed, 1e-9) * 3600)}
-        save_checkpoint(self.model, self.config.output, self.model.config, self.catalog, training=training)
+        save_checkpoint(self.model.cpu(), self.config.output, self.model.config, self.catalog, training=training)
         return Path(self.config.output)
+
+
+    def log_validation(self) -> dict:
+        """Appends Dice per dataset and mode at this step to run_dir/val.csv (the learning curve)."""
+        scores = validate(self.model, self.val_items, self.val_bank, self.bank, self.catalog)
+        path = self.run_dir / "val.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["step", "dataset", "mode", "dice"])
+            for (dataset, mode), value in sorted(scores.items()):
+                writer.writerow([self.step, dataset, mode, round(value, 4)])
+        return scores
 
 
 def _distributed_rank() -> tuple[int, int]:
