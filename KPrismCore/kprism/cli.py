@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of each dataset")
     evaluate.add_argument("--max-slices", type=int, default=5, help="labelled slices per label and volume (default 5)")
     evaluate.add_argument("--json", help="write the summary (and per-item scores) here")
+    evaluate.add_argument("--report", help="write report.md and click-curve plots into this folder")
     _add_runtime(evaluate)
     train = sub.add_parser("train", help="Train a model from a YAML or JSON config (see configs/).")
     train.add_argument("config")
@@ -203,11 +204,20 @@ def _eval(args: argparse.Namespace) -> int:
                                  max_slices_per_label=args.max_slices, progress=lambda what: print(f"  {what}", file=sys.stderr))
         summary = summarise(items)
         report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), **summary, "items": [asdict(i) for i in items]}
-        print(f"{dataset.name}: " + json.dumps({k: v for k, v in summary.items()}, default=lambda x: round(x, 4)))
+        print(f"{dataset.name}: " + json.dumps(summary))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1, default=float) + "\n")
         print(f"wrote {args.json}")
+    if args.report:
+        from .evaluate.report import markdown_table, plot_click_curves
+
+        folder = Path(args.report)
+        folder.mkdir(parents=True, exist_ok=True)
+        plot = plot_click_curves(report, folder / "dice_vs_clicks.png")
+        (folder / "report.md").write_text(f"# Evaluation of {report['model']} ({args.protocol} click rule)\n\n"
+                                          f"{markdown_table(report)}\n\n![Dice against clicks]({plot.name})\n")
+        print(f"wrote {folder / 'report.md'}")
     return 0
 
 
