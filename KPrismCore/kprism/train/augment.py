@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.utils import convert_to_tensor
 from monai.transforms import (
     Compose,
     RandAffined,
@@ -40,6 +41,7 @@ def augment_batch(transform: Compose, images: torch.Tensor, masks: torch.Tensor)
     out_images, out_masks = [], []
     for image, mask in zip(images, masks):
         sample = transform({"image": image.float(), "mask": mask[None].float()})
-        out_images.append(torch.as_tensor(sample["image"]))
-        out_masks.append(torch.as_tensor(sample["mask"])[0])
+        # Plain tensors: a MONAI MetaTensor would route every later model op through its metadata hooks.
+        out_images.append(convert_to_tensor(sample["image"], track_meta=False))
+        out_masks.append(convert_to_tensor(sample["mask"], track_meta=False)[0])
     return torch.stack(out_images), torch.stack(out_masks)
