@@ -225,7 +225,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train.trainer import Trainer, load_config
 
     path = Trainer(load_config(args.config)).fit()
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
     return 0
 
 

@@ -228,7 +228,8 @@ class Trainer:
     def fit(self, until: Optional[int] = None) -> Optional[Path]:
         """Train to `config.steps` (or pause at step `until`), checkpointing as it goes.
 
-        Returns the exported weights path, or None when paused before the end (resume with `fit()`).
+        Returns the exported weights path; None when paused before the end (resume with `fit()`) and on
+        every distributed rank but 0.
         """
         resumed = self.resume()
         log_path = self.run_dir / "log.csv"
@@ -254,7 +255,7 @@ class Trainer:
                     self.log_validation()
         bar.close()
         if self.rank != 0:
-            return Path(self.config.output)
+            return None  # rank 0 writes the checkpoint and the weights
         self.save_state()
         if self.step < self.config.steps:
             return None
