@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     download.add_argument("name")
     evaluate = sub.add_parser("eval", help="Score a model on nnU-Net datasets (imagesTs/labelsTs, else imagesTr).")
     evaluate.add_argument("--dataset", action="append", required=True, help="dataset folder (repeatable)")
-    evaluate.add_argument("--mode", default="all", choices=["semantic", "incontext", "interactive", "all"])
+    evaluate.add_argument("--mode", default="all", choices=["semantic", "incontext", "interactive", "scribble", "all"])
     evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm"], help="click rule")
     evaluate.add_argument("--clicks", type=int, default=20, help="clicks per target (default 20)")
     evaluate.add_argument("--references", default="1,2", help="in-context reference counts, e.g. 1,2")
@@ -189,35 +189,31 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from .data.nnunet_v2 import load_dataset
-    from .evaluate.protocols import evaluate_dataset, summarise
+    from .evaluate.protocols import MODES, Timings, evaluate_dataset, summarise
 
-    modes = ("semantic", "incontext", "interactive") if args.mode == "all" else (args.mode,)
+    modes = MODES if args.mode == "all" else (args.mode,)
     session = _session(args)
-    report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "datasets": {}}
+    report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": args.clicks, "datasets": {}}
     for folder in args.dataset:
         dataset = load_dataset(folder)
+        timings = Timings()
         items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=args.clicks,
                                  references=[int(r) for r in args.references.split(",")], max_cases=args.max_cases,
-                                 max_slices_per_label=args.max_slices, progress=lambda what: print(f"  {what}", file=sys.stderr))
-        summary = summarise(items)
-        report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), **summary, "items": [asdict(i) for i in items]}
-        print(f"{dataset.name}: " + json.dumps(summary))
+                                 max_slices_per_label=args.max_slices, timings=timings,
+                                 progress=lambda what: print(f"  {what}", file=sys.stderr))
+        summary = summarise(items, timings)
+        report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), "modes": summary,
+                                            "items": [vars(i) for i in items]}
+        print(f"{dataset.name}: " + json.dumps({m: round(v["dice_mean"], 4) for m, v in summary.items()}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.report:
-        from .evaluate.report import markdown_table, plot_click_curves
+        from .evaluate.report import write_report
 
-        folder = Path(args.report)
-        folder.mkdir(parents=True, exist_ok=True)
-        plot = plot_click_curves(report, folder / "dice_vs_clicks.png")
-        (folder / "report.md").write_text(f"# Evaluation of {report['model']} ({args.protocol} click rule)\n\n"
-                                          f"{markdown_table(report)}\n\n![Dice against clicks]({plot.name})\n")
-        print(f"wrote {folder / 'report.md'}")
+        print(f"wrote {write_report(report, Path(args.report))}")
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Evaluation protocols: items, click curves and summaries on a generated dataset."""
+"""Evaluation protocols and metrics: items, click curves, summaries, hand-computed metric cases."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
 
+import numpy as np
+import pytest
+
+from kprism.cli import main
 from kprism.data.nnunet_v2 import load_dataset
-from kprism.evaluate.protocols import ReferencePicker, evaluate_dataset, summarise
+from kprism.evaluate.metrics import dice_auc, nof, nsd
+from kprism.evaluate.protocols import ReferencePicker, Timings, evaluate_dataset, summarise
 from kprism.session import KPrismSession
 
 from .synthetic import make_shapes_dataset
@@ -15,25 +20,73 @@ def test_every_mode_is_scored_on_every_label(tmp_path, tiny_model):
     model, catalog = tiny_model
     dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=4))
     session = KPrismSession(model, catalog=catalog, device="cpu")
-    items = evaluate_dataset(session, dataset, max_clicks=3, references=(1, 2))
+    timings = Timings()
+    items = evaluate_dataset(session, dataset, ("semantic", "incontext", "interactive", "scribble"),
+                             max_clicks=3, references=(1, 2), timings=timings)
     assert {(i.case_id, i.label) for i in items} == {(c.case_id, l) for c in dataset.cases("train") for l in ("disk", "square")}
     disk = next(i for i in items if i.label == "disk")
-    assert "semantic" in disk.scores and "incontext_1" in disk.scores and "incontext_2" in disk.scores
-    assert len(disk.scores["clicks"]) == 3 and all(0 <= d <= 1 for d in disk.scores["clicks"])
-    square = next(i for i in items if i.label == "square")
-    assert "semantic" in square.scores  # 'square' is a class of this catalog as well
-    summary = summarise(items)
-    assert summary["cases"] == 4 and set(summary["dice_at_clicks"]) == {"1", "3"}
+    assert set(disk.scores) == {"semantic", "incontext_1", "incontext_2", "interactive", "scribble"}
+    assert len(disk.scores["interactive"]["curve"]) == 3
+    summary = summarise(items, timings, cap=3)
+    interactive = summary["interactive"]
+    assert interactive["cases"] == 4 and set(interactive["dice_at_clicks"]) == {"1", "3"}
+    assert interactive["noc90"] is not None and 1 <= interactive["noc90"] <= 3
+    for mode in summary.values():
+        assert {"cases", "dice_mean", "latency_ms", "peak_rss_mb"} <= set(mode)
+        assert mode["latency_ms"]["click_p50"] > 0 and mode["latency_ms"]["encode_p50"] > 0
+
+
+def test_noc_is_not_reported_without_the_full_click_budget(tmp_path, tiny_model):
+    model, catalog = tiny_model
+    dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=2))
+    items = evaluate_dataset(KPrismSession(model, catalog=catalog, device="cpu"), dataset, ("interactive",), max_clicks=2)
+    assert summarise(items, cap=20)["interactive"]["noc90"] is None
 
 
 def test_references_are_other_cases_and_fixed(tmp_path):
     dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=5))
     cases = dataset.cases("train")
-    picker = ReferencePicker(dataset, cases, seed=3)
-    first = picker.references(cases[0].case_id, 1, 2)
+    first = ReferencePicker(dataset, cases, seed=3).references(cases[0].case_id, 1, 2)
     again = ReferencePicker(dataset, cases, seed=3).references(cases[0].case_id, 1, 2)
     assert len(first) == 2
     target = dataset.load(cases[0])[0].array
     for ref, same in zip(first, again):
         assert not np.array_equal(ref.image.array, target)
         np.testing.assert_array_equal(ref.image.array, same.image.array)
+
+
+def test_eval_command_writes_json_and_report(tmp_path):
+    root = make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=3)
+    code = main(["eval", "--dataset", str(root), "--clicks", "2", "--json", str(tmp_path / "r.json"),
+                 "--report", str(tmp_path / "report"), "--threads", "1"])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    modes = report["datasets"]["Dataset900_Shapes"]["modes"]
+    assert {"incontext_1", "interactive", "scribble"} <= set(modes)  # 'disk' is not a class of the bundled model
+    assert (tmp_path / "report" / "dice_vs_clicks.png").exists() and "| Dataset900_Shapes |" in (tmp_path / "report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ metrics on hand-computed cases
+def test_nsd_of_a_square_shifted_within_and_beyond_tolerance():
+    truth = np.zeros((40, 40), bool)
+    truth[10:30, 10:30] = True
+    assert nsd(truth, truth, (1.0, 1.0)) == pytest.approx(1.0)
+    shifted = np.roll(truth, 1, axis=1)  # every boundary point within 1 px ≤ 2 px tolerance
+    assert nsd(shifted, truth, (1.0, 1.0), tolerance=2.0) == pytest.approx(1.0)
+    far = np.roll(truth, 10, axis=1)  # left and right edges 10 px away; top/bottom edges partly match
+    assert nsd(far, truth, (1.0, 1.0), tolerance=2.0) < 0.7
+    assert nsd(np.zeros_like(truth), truth, (1.0, 1.0)) == 0.0
+    assert nsd(np.zeros_like(truth), np.zeros_like(truth), (1.0, 1.0)) == 1.0
+
+
+def test_nsd_tolerance_is_in_physical_units():
+    truth = np.zeros((40, 40), bool)
+    truth[10:30, 10:30] = True
+    shifted = np.roll(truth, 1, axis=1)
+    assert nsd(shifted, truth, (3.0, 3.0), tolerance=2.0) < 1.0  # one 3 mm pixel is beyond 2 mm
+
+
+def test_nof_and_dice_auc():
+    assert nof([3, 20, 20, 7], cap=20) == 2
+    assert dice_auc([0.5, 1.0]) == pytest.approx(0.75)
+    assert dice_auc([0.2, 0.2, 0.2]) == pytest.approx(0.2)

@@ -121,3 +121,17 @@ def test_validation_writes_dice_per_dataset_and_mode(tmp_path):
     modes = {r.split(",")[2] for r in rows[1:]}
     assert modes == {"semantic", "in_context", "click"}
     assert all(0 <= float(r.split(",")[3]) <= 1 for r in rows[1:])
+
+
+def test_a_class_without_training_slices_is_named(dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"No training slices for classes \['liver'\]"):
+        Trainer(config(dataset, tmp_path, classes=["disk", "liver"]), show_progress=False)
+
+
+def test_learning_curve_figure_is_drawn_from_the_logs(dataset, tmp_path):
+    from kprism.train.curves import plot_learning_curve
+
+    Trainer(config(dataset, tmp_path, steps=4), show_progress=False).fit()
+    (tmp_path / "run" / "val.csv").write_text("step,dataset,mode,dice\n2,d,semantic,0.5\n4,d,semantic,0.7\n")
+    figure = plot_learning_curve(tmp_path / "run", tmp_path / "curve.png")
+    assert figure.stat().st_size > 20_000

@@ -7,19 +7,23 @@ intensity normalisation and orientation are exactly those of inference) and prom
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..data.interaction import click_kprism, click_ritm, dice
+from ..data.interaction import click_kprism, click_ritm, dice, scribble
 from ..data.nnunet_v2 import Case, SegmentationDataset
 from ..orientation import CanonicalView
 from ..session import KPrismSession, Reference
+from .metrics import dice_auc, noc, nof, nsd, peak_rss_mb, percentiles
 
 CLICK_RULES = {"kprism": click_kprism, "ritm": click_ritm}
 CLICK_REPORT = (1, 3, 5, 10, 20)
+MODES = ("semantic", "incontext", "interactive", "scribble")
+NSD_TOLERANCE = 2.0  # mm on scans with a physical spacing; pixels on photographs
 
 
 @dataclass
@@ -29,7 +33,14 @@ class Item:
     case_id: str
     label: str
     slice_index: int  # along the canonical axis 0 (0 for 2D images)
-    scores: dict[str, object] = field(default_factory=dict)
+    spacing: tuple[float, float]  # in-plane (row, column) spacing of that slice
+    scores: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    click_ms: list[float] = field(default_factory=list)
+    encode_ms: list[float] = field(default_factory=list)
 
 
 def labelled_slices(labels: np.ndarray, value: int, max_slices: Optional[int]) -> list[int]:
@@ -40,23 +51,29 @@ def labelled_slices(labels: np.ndarray, value: int, max_slices: Optional[int]) -
     return present.tolist()
 
 
-def _canonical(session: KPrismSession, labels: np.ndarray) -> np.ndarray:
-    view = CanonicalView.of(session.image.geometry, session.image.spatial_shape)
-    return view.to_canonical(labels) if labels.ndim == 3 else labels
+def _view(session: KPrismSession) -> CanonicalView:
+    return CanonicalView.of(session.image.geometry, session.image.spatial_shape)
 
 
-def _slice_mask(result_mask: np.ndarray, session: KPrismSession, index: int) -> np.ndarray:
-    canonical = _canonical(session, result_mask)
-    return canonical[index] if canonical.ndim == 3 else canonical
+def _slice_mask(mask: np.ndarray, session: KPrismSession, index: int) -> np.ndarray:
+    """A source-grid mask → its canonical slice `index` (the 2D image itself for 2D)."""
+    return mask if mask.ndim == 2 else _view(session).to_canonical(mask)[index]
 
 
-def _ijk_of(session: KPrismSession, index: int, row: int, col: int) -> list[float]:
+def _ijk_of(session: KPrismSession, index: int, row: float, col: float) -> list[float]:
     """Canonical (slice, row, column) → IJK of the source image."""
     if session.image.ndim == 2:
         return [col, row]
-    view = CanonicalView.of(session.image.geometry, session.image.spatial_shape)
-    k, j, i = view.index_from_canonical([index, row, col])
-    return [int(i), int(j), int(k)]
+    k, j, i = _view(session).index_from_canonical([index, row, col])
+    return [float(i), float(j), float(k)]
+
+
+def _in_plane_spacing(session: KPrismSession) -> tuple[float, float]:
+    spacing = session.image.geometry.spacing[::-1]  # array order
+    if session.image.ndim == 2:
+        return float(spacing[0]), float(spacing[1])
+    canonical = [spacing[p] for p in _view(session).permutation]
+    return float(canonical[1]), float(canonical[2])
 
 
 class ReferencePicker:
@@ -72,11 +89,9 @@ class ReferencePicker:
         order = np.random.default_rng(zlib.crc32(f"{self.seed}/{target_case}/{value}".encode())).permutation(len(candidates))
         chosen: list[Reference] = []
         for n in order:
-            case = candidates[n]
-            image, labels = self._load(case)
-            mask = labels == value
-            if mask.any():
-                chosen.append(Reference(image, mask))
+            image, labels = self._load(candidates[n])
+            if (labels == value).any():
+                chosen.append(Reference(image, labels == value))
             if len(chosen) == count:
                 break
         return chosen
@@ -93,57 +108,71 @@ def evaluate_dataset(
     modes: Sequence[str] = ("semantic", "incontext", "interactive"),
     split: Optional[str] = None,
     rule: str = "kprism",
-    max_clicks: int = 5,
-    references: Sequence[int] = (1,),
+    max_clicks: int = 20,
+    references: Sequence[int] = (1, 2),
     max_cases: Optional[int] = None,
     max_slices_per_label: Optional[int] = 5,
     labels: Optional[Sequence[str]] = None,
     progress: Optional[Callable[[str], None]] = None,
+    timings: Optional[Timings] = None,
 ) -> list[Item]:
     """Scores every (case, label, slice) item in the requested modes. Returns the items with scores."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {MODES}.")
     split = split or dataset.evaluation_split()
     cases = dataset.cases(split)[: max_cases or None]
     if not cases:
         raise ValueError(f"{dataset.name} has no cases in the {split!r} split.")
-    pool = dataset.cases("train") if split == "test" else cases
-    picker = ReferencePicker(dataset, pool)
+    picker = ReferencePicker(dataset, dataset.cases("train") if split == "test" else cases)
     wanted = {n: v for n, v in dataset.labels.items() if labels is None or n in labels}
-    known = set(session.catalog.names)
+    timings = timings if timings is not None else Timings()
     items: list[Item] = []
     for case in cases:
         image, label_map = dataset.load(case)
         session.set_image(image)
-        canonical_labels = _canonical(session, label_map)
-        volume = canonical_labels if canonical_labels.ndim == 3 else canonical_labels[None]
+        volume = _view(session).to_canonical(label_map) if image.ndim == 3 else label_map[None]
         if progress:
             progress(f"{dataset.name}/{case.case_id}")
         for name, value in wanted.items():
             slices = labelled_slices(volume, value, max_slices_per_label)
             if not slices:
                 continue
-            case_items = [Item(case.case_id, name, s) for s in slices]
+            for index in slices:
+                start = time.perf_counter()
+                if index not in session._cache:
+                    session.features([index])
+                    timings.encode_ms.append((time.perf_counter() - start) * 1000)
+            case_items = [Item(case.case_id, name, s, _in_plane_spacing(session)) for s in slices]
             truths = {s: volume[s] == value for s in slices}
-            if "semantic" in modes and name in known:
-                result = session.segment_semantic([name], slices=slices if image.ndim == 3 else None)[name]
+            restrict = slices if image.ndim == 3 else None
+
+            def score(key: str, mask: np.ndarray) -> None:
                 for item in case_items:
-                    item.scores["semantic"] = dice(_slice_mask(result.mask, session, item.slice_index), truths[item.slice_index])
+                    predicted = _slice_mask(mask, session, item.slice_index) > 0
+                    truth = truths[item.slice_index]
+                    item.scores[key] = {"dice": dice(predicted, truth), "nsd": nsd(predicted, truth, item.spacing, NSD_TOLERANCE)}
+
+            if "semantic" in modes and name in session.catalog:
+                score("semantic", session.segment_semantic([name], slices=restrict)[name].mask)
             if "incontext" in modes:
                 for count in references:
                     refs = picker.references(case.case_id, value, count)
-                    if len(refs) < count:
-                        continue
-                    result = session.segment_in_context(refs, slices=slices if image.ndim == 3 else None)
-                    for item in case_items:
-                        item.scores[f"incontext_{count}"] = dice(_slice_mask(result.mask, session, item.slice_index), truths[item.slice_index])
-            if "interactive" in modes:
-                for item in case_items:
-                    item.scores["clicks"] = click_curve(session, item.slice_index, truths[item.slice_index], rule, max_clicks)
+                    if len(refs) == count:
+                        score(f"incontext_{count}", session.segment_in_context(refs, slices=restrict).mask)
+            for item in case_items:
+                truth = truths[item.slice_index]
+                if "interactive" in modes:
+                    item.scores["interactive"] = click_curve(session, item, truth, rule, max_clicks, timings)
+                if "scribble" in modes:
+                    item.scores["scribble"] = scribble_score(session, item, truth, case)
             items.extend(case_items)
     return items
 
 
-def click_curve(session: KPrismSession, index: int, truth: np.ndarray, rule: str, max_clicks: int) -> list[float]:
-    """Dice after each of `max_clicks` simulated clicks on one slice (starting from nothing)."""
+def click_curve(session: KPrismSession, item: Item, truth: np.ndarray, rule: str, max_clicks: int,
+                timings: Optional[Timings] = None) -> dict:
+    """Dice after each of `max_clicks` simulated clicks on one slice, starting from nothing."""
     session.reset()
     choose = CLICK_RULES[rule]
     prediction = np.zeros_like(truth)
@@ -154,21 +183,59 @@ def click_curve(session: KPrismSession, index: int, truth: np.ndarray, rule: str
             curve.append(curve[-1] if curve else 1.0)
             continue
         row, col = click.point
-        result = session.add_click(_ijk_of(session, index, row, col), positive=click.positive)
-        prediction = _slice_mask(result.mask, session, index) > 0
+        start = time.perf_counter()
+        result = session.add_click(_ijk_of(session, item.slice_index, row, col), positive=click.positive)
+        if timings is not None:
+            timings.click_ms.append((time.perf_counter() - start) * 1000)
+        prediction = _slice_mask(result.mask, session, item.slice_index) > 0
         curve.append(dice(prediction, truth))
-    return curve
+    return {"curve": curve, "nsd": nsd(prediction, truth, item.spacing, NSD_TOLERANCE)}
 
 
-def summarise(items: Sequence[Item]) -> dict[str, object]:
-    """Means over items: semantic, in-context per reference count, Dice after 1/3/5/10/20 clicks, NoC."""
-    summary: dict[str, object] = {"targets": len(items), "cases": len({i.case_id for i in items})}
-    keys = sorted({k for i in items for k in i.scores if k != "clicks"})
-    for key in keys:
-        values = [float(i.scores[key]) for i in items if key in i.scores]
-        summary[f"{key}_dice"] = float(np.mean(values)) if values else None
-    curves = [i.scores["clicks"] for i in items if "clicks" in i.scores]
-    if curves:
-        length = len(curves[0])
-        summary["dice_at_clicks"] = {str(n): float(np.mean([c[n - 1] for c in curves])) for n in CLICK_REPORT if n <= length}
-    return summary
+def scribble_score(session: KPrismSession, item: Item, truth: np.ndarray, case: Case) -> dict:
+    """One positive scribble inside the target (line kind, seeded by the case), Dice of the result."""
+    session.reset()
+    rng = np.random.default_rng(zlib.crc32(f"scribble/{case.case_id}/{item.label}/{item.slice_index}".encode()))
+    stroke = scribble(truth, rng, "line", positive=True)
+    canonical = np.zeros(_view(session).canonical_shape if session.image.ndim == 3 else truth.shape, bool)
+    if session.image.ndim == 3:
+        canonical[item.slice_index] = stroke
+        source = _view(session).from_canonical(canonical)
+    else:
+        source = stroke
+    result = session.add_scribble(source, positive=True)
+    predicted = _slice_mask(result.mask, session, item.slice_index) > 0
+    return {"dice": dice(predicted, truth), "nsd": nsd(predicted, truth, item.spacing, NSD_TOLERANCE)}
+
+
+def summarise(items: Sequence[Item], timings: Optional[Timings] = None, cap: int = 20) -> dict[str, dict]:
+    """Per mode: cases, targets, dice_mean, nsd_mean and, for clicks, dice_at_clicks, NoC@85/90, NoF.
+
+    Every mode entry also carries the dataset's click/encode latency and the process's peak memory,
+    so that one mode's numbers can be compared between versions on their own.
+    """
+    timings = timings or Timings()
+    shared = {
+        "latency_ms": {"click_p50": percentiles(timings.click_ms)["p50"], "click_p95": percentiles(timings.click_ms)["p95"],
+                       "encode_p50": percentiles(timings.encode_ms)["p50"]},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    modes: dict[str, dict] = {}
+    for key in sorted({k for i in items for k in i.scores}):
+        scored = [i for i in items if key in i.scores]
+        entry: dict = {"cases": len({i.case_id for i in scored}), "targets": len(scored)}
+        if key == "interactive":
+            curves = [i.scores[key]["curve"] for i in scored]
+            entry["dice_mean"] = float(np.mean([c[-1] for c in curves]))
+            entry["dice_at_clicks"] = {str(n): float(np.mean([c[n - 1] for c in curves])) for n in CLICK_REPORT if n <= len(curves[0])}
+            entry["dice_auc"] = float(np.mean([dice_auc(c) for c in curves]))
+            # NoC needs the full click budget: with fewer clicks a target that never got there has no count.
+            complete = len(curves[0]) >= cap
+            for threshold in (85, 90):
+                entry[f"noc{threshold}"] = float(np.mean([noc(c, threshold / 100, cap=cap) for c in curves])) if complete else None
+            entry["nof90"] = nof([noc(c, 0.90, cap=cap) for c in curves], cap=cap) if complete else None
+        else:
+            entry["dice_mean"] = float(np.mean([i.scores[key]["dice"] for i in scored]))
+        entry["nsd_mean"] = float(np.mean([i.scores[key]["nsd"] for i in scored]))
+        modes[key] = {**entry, **shared}
+    return modes

@@ -1,48 +1,97 @@
-"""Turns an evaluation report (the `kprism eval --json` structure) into a markdown table and plots."""
+"""Turns an evaluation report (the `kprism eval --json` structure) into markdown and plots."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """One row per dataset: semantic, in-context (1, 2 refs), Dice after 1/3/5/10/20 clicks."""
-    click_keys = sorted({k for d in report["datasets"].values() for k in d.get("dice_at_clicks", {})}, key=int)
-    header = ["dataset", "split", "cases", "targets", "semantic", "in-context 1 ref", "in-context 2 refs"] + [f"{k} click{'s' if k != '1' else ''}" for k in click_keys]
+    """One row per dataset: semantic, in-context, scribble, Dice after 1/3/5/10/20 clicks, NoC@90."""
+    click_keys = sorted({k for d in report["datasets"].values() for k in d["modes"].get("interactive", {}).get("dice_at_clicks", {})}, key=int)
+    header = (["dataset", "split", "targets", "semantic", "in-context 1", "in-context 2", "scribble"]
+              + [f"{k} click{'s' if k != '1' else ''}" for k in click_keys] + ["NoC@90", "click p50 ms"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, d in report["datasets"].items():
-        clicks = d.get("dice_at_clicks", {})
-        row = [name, d.get("split", ""), str(d.get("cases", "")), str(d.get("targets", "")), _fmt(d.get("semantic_dice")),
-               _fmt(d.get("incontext_1_dice")), _fmt(d.get("incontext_2_dice"))] + [_fmt(clicks.get(k)) for k in click_keys]
+        modes = d["modes"]
+        interactive = modes.get("interactive", {})
+        clicks = interactive.get("dice_at_clicks", {})
+        targets = max((m.get("targets", 0) for m in modes.values()), default=0)
+        row = ([name, d.get("split", ""), str(targets)]
+               + [_fmt(modes.get(m, {}).get("dice_mean")) for m in ("semantic", "incontext_1", "incontext_2", "scribble")]
+               + [_fmt(clicks.get(k)) for k in click_keys]
+               + [_fmt(interactive.get("noc90"), 1), _fmt((interactive.get("latency_ms") or {}).get("click_p50"), 1)])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def plot_click_curves(report: dict[str, Any], path: str | Path) -> Path:
-    """Mean Dice against the number of clicks, one line per dataset."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5), dpi=110, layout="constrained")
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(figure, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_figure(str(path))
+    return path
+
+
+def plot_click_curves(report: dict[str, Any], path: Path, peers: Optional[dict[str, dict[str, list[float]]]] = None) -> Path:
+    """Mean Dice against clicks per dataset; `peers` adds dashed curves {peer: {dataset: curve}}."""
+    figure = _figure(7.5, 4.8)
     axes = figure.add_subplot()
-    for name, d in report["datasets"].items():
-        items = [i for i in d.get("items", []) if "clicks" in i["scores"]]
-        if not items:
+    for n, (name, d) in enumerate(report["datasets"].items()):
+        curves = [i["scores"]["interactive"]["curve"] for i in d.get("items", []) if "interactive" in i["scores"]]
+        if not curves:
             continue
-        length = len(items[0]["scores"]["clicks"])
-        means = [sum(i["scores"]["clicks"][n] for i in items) / len(items) for n in range(length)]
-        axes.plot(range(1, length + 1), means, marker="o", markersize=3, label=name.split("_", 1)[-1])
-    axes.set_xlabel("clicks")
-    axes.set_ylabel("mean Dice")
-    axes.set_ylim(0, 1)
+        mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(curves[0]))]
+        axes.plot(range(1, len(mean) + 1), mean, marker="o", markersize=3, color=f"C{n % 10}", label=name.split("_", 1)[-1])
+        for peer, by_dataset in (peers or {}).items():
+            if name in by_dataset:
+                curve = by_dataset[name]
+                axes.plot(range(1, len(curve) + 1), curve, linestyle="--", color=f"C{n % 10}", alpha=0.7)
+    axes.set(xlabel="clicks", ylabel="mean Dice", ylim=(0, 1))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure).print_figure(str(target))
+    return _save(figure, path)
+
+
+def plot_mode_bars(report: dict[str, Any], path: Path) -> Path:
+    """Per-dataset Dice bars for semantic, in-context (1 ref), scribble and 5 clicks."""
+    import numpy as np
+
+    names = list(report["datasets"])
+    series = {
+        "semantic": [report["datasets"][n]["modes"].get("semantic", {}).get("dice_mean") for n in names],
+        "in-context (1 ref)": [report["datasets"][n]["modes"].get("incontext_1", {}).get("dice_mean") for n in names],
+        "scribble": [report["datasets"][n]["modes"].get("scribble", {}).get("dice_mean") for n in names],
+        "5 clicks": [report["datasets"][n]["modes"].get("interactive", {}).get("dice_at_clicks", {}).get("5") for n in names],
+    }
+    figure = _figure(max(7.0, 0.9 * len(names)), 4.2)
+    axes = figure.add_subplot()
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        axes.bar(np.arange(len(names)) + k * width, [v if v is not None else 0 for v in values], width, label=label)
+    axes.set_xticks(np.arange(len(names)) + 0.4 - width / 2, [n.split("_", 1)[-1] for n in names], rotation=30, ha="right", fontsize=7)
+    axes.set(ylabel="mean Dice", ylim=(0, 1))
+    axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def write_report(report: dict[str, Any], folder: Path) -> Path:
+    """report.md with the table and both plots."""
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = plot_click_curves(report, folder / "dice_vs_clicks.png")
+    bars = plot_mode_bars(report, folder / "dice_by_dataset.png")
+    text = (f"# Evaluation of {report['model']} ({report['protocol']} click rule, {report.get('clicks')} clicks)\n\n"
+            f"{markdown_table(report)}\n\n![Dice against clicks]({curves.name})\n\n![Dice by dataset and mode]({bars.name})\n")
+    target = folder / "report.md"
+    target.write_text(text)
     return target
