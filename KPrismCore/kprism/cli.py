@@ -52,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluate = sub.add_parser("eval", help="Score a model on nnU-Net datasets (imagesTs/labelsTs, else imagesTr).")
     evaluate.add_argument("--dataset", action="append", required=True, help="dataset folder (repeatable)")
     evaluate.add_argument("--mode", default="all", choices=["semantic", "incontext", "interactive", "scribble", "all"])
-    evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm"], help="click rule")
+    evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm", "cvpr25"],
+                          help="kprism / ritm: 2D per-slice with that click rule; cvpr25: 3D box + 5 clicks per structure")
     evaluate.add_argument("--clicks", type=int, default=20, help="clicks per target (default 20)")
     evaluate.add_argument("--references", default="1,2", help="in-context reference counts, e.g. 1,2")
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of each dataset")
@@ -191,12 +192,20 @@ def _models(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .data.nnunet_v2 import load_dataset
     from .evaluate.protocols import MODES, Timings, evaluate_dataset, summarise
+    from .evaluate.volumetric import evaluate_volumes, summarise_volumes
 
     modes = MODES if args.mode == "all" else (args.mode,)
     session = _session(args)
     report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": args.clicks, "datasets": {}}
     for folder in args.dataset:
         dataset = load_dataset(folder)
+        if args.protocol == "cvpr25":
+            volumes = evaluate_volumes(session, dataset, max_cases=args.max_cases,
+                                       progress=lambda what: print(f"  {what}", file=sys.stderr))
+            report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), "modes": summarise_volumes(volumes),
+                                                "items": [vars(v) for v in volumes]}
+            print(f"{dataset.name}: " + json.dumps(report["datasets"][dataset.name]["modes"]))
+            continue
         timings = Timings()
         items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=args.clicks,
                                  references=[int(r) for r in args.references.split(",")], max_cases=args.max_cases,
@@ -210,7 +219,7 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
-    if args.report:
+    if args.report and args.protocol != "cvpr25":
         from .evaluate.report import write_report
 
         print(f"wrote {write_report(report, Path(args.report))}")
