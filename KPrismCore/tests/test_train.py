@@ -135,3 +135,17 @@ def test_learning_curve_figure_is_drawn_from_the_logs(dataset, tmp_path):
     (tmp_path / "run" / "val.csv").write_text("step,dataset,mode,dice\n2,d,semantic,0.5\n4,d,semantic,0.7\n")
     figure = plot_learning_curve(tmp_path / "run", tmp_path / "curve.png")
     assert figure.stat().st_size > 20_000
+
+
+def test_model_card_carries_hash_steps_classes_and_the_evaluation(dataset, tmp_path):
+    from kprism.cli import main as cli
+    from kprism.train.card import model_card
+
+    weights = Trainer(config(dataset, tmp_path, steps=2), show_progress=False).fit()
+    assert cli(["eval", "--dataset", str(dataset), "--model", str(weights), "--clicks", "2", "--max-cases", "2",
+                "--json", str(tmp_path / "eval.json"), "--threads", "1"]) == 0
+    import json
+
+    card = model_card(weights, json.loads((tmp_path / "eval.json").read_text()), "configs/x.yaml", None, "Notes here.")
+    assert load_model(weights)[2].sha256 in card
+    assert "disk, square" in card and "| Dataset900_Shapes |" in card and "Notes here." in card
