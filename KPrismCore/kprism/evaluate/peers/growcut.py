@@ -27,13 +27,14 @@ OBJECT, BACKGROUND = 1, 2
 CLICK_RADIUS = 3  # voxels
 
 
-def _vtk_image(array: np.ndarray) -> tuple[vtk.vtkImageData, np.ndarray]:
-    """A (k, j, i) array as vtkImageData sharing its memory (returned too: it must stay alive)."""
-    array = np.ascontiguousarray(array)
+def _vtk_image(array: np.ndarray) -> vtk.vtkImageData:
+    """A C-contiguous (k, j, i) array as vtkImageData sharing its memory (VTK keeps the array alive)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("vtkImageData can only share the memory of a C-contiguous array.")
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])  # VTK order: i, j, k
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=False))
-    return image, array
+    return image
 
 
 def _ball(radius: int, ndim: int) -> np.ndarray:
@@ -45,10 +46,10 @@ class _SeededGrowCut:
     """One ``vtkImageGrowCutSegment`` over a (k, j, i) volume whose seed labelmap is edited in place."""
 
     def __init__(self, intensity: np.ndarray, seeds: np.ndarray):
-        self._intensity_image, self._intensity = _vtk_image(intensity.astype(np.float32))
-        self._seed_image, self.seeds = _vtk_image(seeds.astype(np.uint8))
+        self.seeds = np.ascontiguousarray(seeds, dtype=np.uint8)
+        self._seed_image = _vtk_image(self.seeds)  # edited through `self.seeds`
         self._filter = slicer.vtkImageGrowCutSegment()
-        self._filter.SetIntensityVolume(self._intensity_image)
+        self._filter.SetIntensityVolume(_vtk_image(np.ascontiguousarray(intensity, dtype=np.float32)))
         self._filter.SetSeedLabelVolume(self._seed_image)
 
     def paint(self, centre: tuple[int, ...], label: int, radius: int) -> None:
