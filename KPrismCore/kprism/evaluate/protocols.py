@@ -146,20 +146,13 @@ def evaluate_dataset(
             case_items = [Item(case.case_id, name, s, _in_plane_spacing(session)) for s in slices]
             truths = {s: volume[s] == value for s in slices}
             restrict = slices if image.ndim == 3 else None
-
-            def score(key: str, mask: np.ndarray) -> None:
-                for item in case_items:
-                    predicted = _slice_mask(mask, session, item.slice_index) > 0
-                    truth = truths[item.slice_index]
-                    item.scores[key] = {"dice": dice(predicted, truth), "nsd": nsd(predicted, truth, item.spacing, NSD_TOLERANCE)}
-
             if "semantic" in modes and name in session.catalog:
-                score("semantic", session.segment_semantic([name], slices=restrict)[name].mask)
+                _score(session, case_items, truths, "semantic", session.segment_semantic([name], slices=restrict)[name].mask)
             if "incontext" in modes:
                 for count in references:
                     refs = picker.references(case.case_id, value, count)
                     if len(refs) == count:
-                        score(f"incontext_{count}", session.segment_in_context(refs, slices=restrict).mask)
+                        _score(session, case_items, truths, f"incontext_{count}", session.segment_in_context(refs, slices=restrict).mask)
             for item in case_items:
                 truth = truths[item.slice_index]
                 if "interactive" in modes:
@@ -168,6 +161,14 @@ def evaluate_dataset(
                     item.scores["scribble"] = scribble_score(session, item, truth, case)
             items.extend(case_items)
     return items
+
+
+def _score(session: KPrismSession, items: Sequence[Item], truths: dict[int, np.ndarray], key: str, mask: np.ndarray) -> None:
+    """Dice and NSD of one whole-image or whole-volume result on each item's slice."""
+    for item in items:
+        predicted = _slice_mask(mask, session, item.slice_index) > 0
+        truth = truths[item.slice_index]
+        item.scores[key] = {"dice": dice(predicted, truth), "nsd": nsd(predicted, truth, item.spacing, NSD_TOLERANCE)}
 
 
 def click_curve(session: KPrismSession, item: Item, truth: np.ndarray, rule: str, max_clicks: int,

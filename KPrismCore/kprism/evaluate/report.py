@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -43,8 +43,8 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_click_curves(report: dict[str, Any], path: Path, peers: Optional[dict[str, dict[str, list[float]]]] = None) -> Path:
-    """Mean Dice against clicks per dataset; `peers` adds dashed curves {peer: {dataset: curve}}."""
+def plot_click_curves(report: dict[str, Any], path: Path) -> Path:
+    """Mean Dice against clicks, one line per dataset."""
     figure = _figure(7.5, 4.8)
     axes = figure.add_subplot()
     for n, (name, d) in enumerate(report["datasets"].items()):
@@ -53,10 +53,6 @@ def plot_click_curves(report: dict[str, Any], path: Path, peers: Optional[dict[s
             continue
         mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(curves[0]))]
         axes.plot(range(1, len(mean) + 1), mean, marker="o", markersize=3, color=f"C{n % 10}", label=name.split("_", 1)[-1])
-        for peer, by_dataset in (peers or {}).items():
-            if name in by_dataset:
-                curve = by_dataset[name]
-                axes.plot(range(1, len(curve) + 1), curve, linestyle="--", color=f"C{n % 10}", alpha=0.7)
     axes.set(xlabel="clicks", ylabel="mean Dice", ylim=(0, 1))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)

@@ -88,7 +88,7 @@ class TaskSampler:
             batch.class_ids = torch.tensor([self.catalog.index(n) for n in names])
         elif mode == "in_context":
             batch.ref_ids, masks = [], []
-            for name, query, value in zip(names, query_ids, values):
+            for name, query in zip(names, query_ids):
                 refs = [self._reference(name, query) for _ in range(c.references)]
                 batch.ref_ids.append([r for r, _ in refs])
                 masks.append(torch.stack([self.bank.mask(r, v) for r, v in refs]))
