@@ -1,0 +1,360 @@
+"""MRML nodes ↔ numpy arrays and kprism geometry.
+
+Plain Python over MRML (no Qt), so it runs in the Slicer application and under plain Python with
+the `slicer-core` wheel alike. Conventions:
+
+- Voxel arrays are slowest axis first, ``(k, j, i)``, as ``slicer.util.arrayFromVolume`` returns
+  them and as :mod:`kprism.image` expects.
+- A volume's geometry comes from its IJK→RAS matrix and is handed to kprism in ITK's LPS frame.
+- Points from markups are *world* RAS; they are mapped into the volume's own frame through any
+  parent transform of the volume before they become voxel indices.
+- Segments are exchanged as binary masks on the grid of a reference volume, through
+  ``vtkOrientedImageData`` and the static functions of ``vtkSlicerSegmentationsModuleLogic``: no
+  temporary nodes, and overlapping segments are kept (Slicer moves them to separate layers).
+
+kprism itself is imported only inside functions: this module must import before it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+if TYPE_CHECKING:
+    from kprism.image import Geometry, ImageData
+
+PROVENANCE_TAG = "KPrism.Provenance"
+LOCK_TAG = "KPrism.Locked"  # "true" protects a segment from being overwritten by KPrism
+POSITIVE_ATTRIBUTE = "KPrism.Positive"  # on a markups node: "false" makes its points negative clicks
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_HEADLESS_LOGICS: list = []  # keeps the logic objects of headless scenes alive
+
+
+class InputError(ValueError):
+    """Input the user can fix (a missing volume, a locked segment, a click outside the volume…)."""
+
+
+# ----------------------------------------------------------------------------------------------- scene
+
+
+def app_running() -> bool:
+    """True inside the 3D Slicer application, False under plain Python with slicer-core."""
+    return getattr(slicer, "app", None) is not None
+
+
+def headless_scene(new: bool = False):
+    """The scene to work in: the application's, or (plain Python) a scene set up as Slicer would.
+
+    A bare ``vtkMRMLScene`` cannot add segments until a ``vtkSlicerSegmentationsModuleLogic`` is
+    attached to it, and ``slicer.util`` looks for ``slicer.mrmlScene`` and ``slicer.modules``; this
+    provides all three. ``new`` replaces an earlier headless scene.
+    """
+    if app_running():
+        return slicer.mrmlScene
+    if not new and isinstance(getattr(slicer, "mrmlScene", None), slicer.vtkMRMLScene):
+        return slicer.mrmlScene
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    _HEADLESS_LOGICS[:] = [logic]
+    slicer.mrmlScene = scene
+    modules = getattr(slicer, "modules", None) or types.SimpleNamespace()
+    modules.segmentations = types.SimpleNamespace(logic=lambda: logic)
+    slicer.modules = modules
+    return scene
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+
+
+def check_volume(volume_node: Any, what: str = "input volume") -> None:
+    """Refuse what KPrism cannot segment, with a message that says how to fix it."""
+    if volume_node is None:
+        raise InputError(f"No {what}: select a volume first.")
+    if not isinstance(volume_node, slicer.vtkMRMLScalarVolumeNode):
+        raise InputError(f"The {what} {_name(volume_node)} is a {volume_node.GetClassName()}, not a scalar volume.")
+    image = volume_node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise InputError(f"The {what} {_name(volume_node)} has no voxels (was it loaded?).")
+    components = image.GetNumberOfScalarComponents()
+    if components != 1 or isinstance(volume_node, slicer.vtkMRMLVectorVolumeNode):
+        raise InputError(
+            f"The {what} {_name(volume_node)} has {components} values per voxel (an RGB or vector volume); KPrism "
+            "segments single-component volumes. Convert it first, e.g. with the 'Vector to Scalar Volume' module."
+        )
+    size = image.GetDimensions()
+    if sum(n > 1 for n in size) < 2:
+        raise InputError(
+            f"The {what} {_name(volume_node)} has size {tuple(size)}: a line or a point, not an image. KPrism "
+            "segments 3D volumes and single-slice (2D) images."
+        )
+
+
+def geometry_of(volume_node: Any) -> "Geometry":
+    """The volume's grid as kprism geometry: spacing, origin and direction in LPS, ITK order."""
+    from kprism.image import Geometry
+
+    ijk_to_lps = _RAS_FROM_LPS @ ijk_to_ras_matrix(volume_node)  # the same diagonal maps RAS to LPS
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    direction = ijk_to_lps[:3, :3] / spacing
+    return Geometry(tuple(spacing.tolist()), tuple(ijk_to_lps[:3, 3].tolist()), tuple(direction.ravel().tolist()))
+
+
+def ras_matrix_of(geometry: "Geometry") -> np.ndarray:
+    """The IJK→RAS matrix of a 3D kprism geometry (the inverse of :func:`geometry_of`)."""
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = geometry.direction_matrix() * np.asarray(geometry.spacing)
+    ijk_to_lps[:3, 3] = geometry.origin
+    return _RAS_FROM_LPS @ ijk_to_lps
+
+
+def ijk_to_ras_matrix(volume_node: Any) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def volume_array(volume_node: Any) -> np.ndarray:
+    """A copy of the voxels, ``(k, j, i)``."""
+    image = volume_node.GetImageData()
+    i, j, k = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).copy()
+
+
+def volume_to_image(volume_node: Any, modality: Optional[str] = None) -> "ImageData":
+    """A checked scalar volume node → kprism ImageData (always 3D; single-slice volumes stay 3D)."""
+    from kprism.image import ImageData
+
+    check_volume(volume_node)
+    modality = modality or volume_node.GetAttribute("DICOM.Modality") or "unknown"
+    return ImageData(volume_array(volume_node), geometry_of(volume_node), modality=modality.lower())
+
+
+def slicing_axis(image: "ImageData", requested: int = 0) -> int:
+    """The canonical axis to slice along: a single-slice volume is segmented on its one slice."""
+    from kprism.orientation import CanonicalView
+
+    shape = CanonicalView.of(image.geometry, image.spatial_shape).canonical_shape
+    singletons = [axis for axis, size in enumerate(shape) if size == 1]
+    return singletons[0] if singletons else requested
+
+
+def world_to_ijk(volume_node: Any, ras: Sequence[float]) -> np.ndarray:
+    """A world RAS point → the continuous voxel index ``[i, j, k]`` of the volume."""
+    point = np.asarray(ras, dtype=float)
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        to_volume = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, to_volume)
+        point = np.asarray(to_volume.TransformPoint(point.tolist()))
+    ras_to_ijk = np.linalg.inv(ijk_to_ras_matrix(volume_node))
+    return (ras_to_ijk @ np.append(point, 1.0))[:3]
+
+
+def volume_ras(volume_node: Any, ijk: Sequence[float]) -> np.ndarray:
+    """A voxel index ``[i, j, k]`` → the RAS point in the volume's own frame."""
+    return (ijk_to_ras_matrix(volume_node) @ np.append(np.asarray(ijk, float), 1.0))[:3]
+
+
+def index_inside(volume_node: Any, ijk: Sequence[float]) -> bool:
+    """Whether a continuous index rounds to a voxel of the volume."""
+    index = np.round(np.asarray(ijk, dtype=float)).astype(int)
+    size = np.asarray(volume_node.GetImageData().GetDimensions())
+    return bool((index >= 0).all() and (index < size).all())
+
+
+def check_same_frame(volume_node: Any, segmentation_node: Any) -> None:
+    """Masks are exchanged in the nodes' own frames, so both must sit under the same transform."""
+    if volume_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
+        raise InputError(
+            f"{_name(volume_node)} and {_name(segmentation_node)} are under different transforms. Put them under "
+            "the same transform, or harden the transforms (Data module), first."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- segments
+
+
+def segment_ids(segmentation_node: Any) -> list[str]:
+    ids = vtk.vtkStringArray()
+    segmentation_node.GetSegmentation().GetSegmentIDs(ids)
+    return [ids.GetValue(n) for n in range(ids.GetNumberOfValues())]
+
+
+def segment_id_by_name(segmentation_node: Any, name: str) -> Optional[str]:
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+    return segment_id or None
+
+
+def segment_mask(segmentation_node: Any, segment_id: str, volume_node: Any) -> np.ndarray:
+    """A segment as a ``(k, j, i)`` uint8 0/1 mask on the volume's grid (resampled if needed)."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetSegment(segment_id) is None:
+        raise InputError(f"{_name(segmentation_node)} has no segment {segment_id!r}.")
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if not segmentation.ContainsRepresentation(labelmap_name):
+        segmentation_node.CreateBinaryLabelmapRepresentation()
+    labelmap = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, labelmap)
+    reference = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volume_node)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference, resampled, False, False
+    ):
+        raise RuntimeError(f"Could not resample segment {segment_id!r} onto {_name(volume_node)}.")
+    i, j, k = resampled.GetDimensions()
+    scalars = resampled.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros((k, j, i), np.uint8)
+    values = numpy_support.vtk_to_numpy(scalars).reshape(k, j, i)
+    # In a shared labelmap each segment has its own label value.
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    return (values == label).astype(np.uint8)
+
+
+def write_segment(
+    segmentation_node: Any,
+    volume_node: Any,
+    mask: np.ndarray,
+    segment_id: Optional[str] = None,
+    name: str = "KPrism",
+    color: Optional[Sequence[float]] = None,
+    tags: Optional[dict[str, Any]] = None,
+) -> str:
+    """Write a ``(k, j, i)`` mask on the volume's grid into a segment (a new one without ``segment_id``).
+
+    Colours are RGB in 0–1 or 0–255 ints; tag values that are not strings are stored as JSON.
+    Returns the segment ID.
+    """
+    mask = np.asarray(mask)
+    size = volume_node.GetImageData().GetDimensions()
+    if mask.shape != tuple(reversed(size)):
+        raise ValueError(f"The mask has shape {mask.shape}; the volume {_name(volume_node)} has {tuple(reversed(size))}.")
+    segmentation = segmentation_node.GetSegmentation()
+    if not segment_ids(segmentation_node):
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if segment_id is None or segmentation.GetSegment(segment_id) is None:
+        segment_id = segmentation.AddEmptySegment(segment_id or "", name, list(_unit_color(color)))
+    elif color is not None:
+        segmentation.GetSegment(segment_id).SetColor(*_unit_color(color))
+    labelmap = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    labelmap.SetImageToWorldMatrix(matrix)
+    labelmap.SetDimensions(*size)
+    labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (mask > 0).ravel()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE, labelmap.GetExtent()):
+        raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
+    segmentation.CollapseBinaryLabelmaps(False)  # share one layer where segments do not overlap
+    segment = segmentation.GetSegment(segment_id)
+    for key, value in (tags or {}).items():
+        segment.SetTag(key, value if isinstance(value, str) else json_tag(value))
+    return segment_id
+
+
+def json_tag(value: Any) -> str:
+    """JSON for a segment tag. A .seg.nrrd header stores tags as ``key:value|``, so '|' is escaped."""
+    return json.dumps(value, ensure_ascii=True).replace("|", "\\u007c")
+
+
+def segment_tag(segment: Any, key: str) -> Optional[str]:
+    """A segment tag's value, or None (vtkSegment.GetTag returns the value through a reference)."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def is_locked(segment: Any) -> bool:
+    """Slicer has no per-segment lock; KPrism honours its own tag and the 'completed' review status."""
+    if (segment_tag(segment, LOCK_TAG) or "").strip().lower() in ("1", "true", "yes", "locked"):
+        return True
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    return logic.GetSegmentStatus(segment) == logic.Completed
+
+
+def check_editable(segmentation_node: Any, segment_id: Optional[str]) -> None:
+    """Refuse to overwrite a locked segment (see :func:`is_locked`)."""
+    if segment_id is None:
+        return
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is not None and is_locked(segment):
+        raise InputError(
+            f"Segment {segment.GetName()!r} of {_name(segmentation_node)} is locked (tag {LOCK_TAG} or status "
+            "'completed'), so KPrism leaves it as it is. Unlock it, set its status back to 'in progress', or choose "
+            "another segment."
+        )
+
+
+def segment_color(segmentation_node: Any, segment_id: str) -> tuple[float, float, float]:
+    return tuple(segmentation_node.GetSegmentation().GetSegment(segment_id).GetColor())
+
+
+def segment_name(segmentation_node: Any, segment_id: str) -> str:
+    return segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+
+
+# ----------------------------------------------------------------------------------------------- markups
+
+
+def control_points(markups_node: Any) -> list[tuple[np.ndarray, str]]:
+    """The defined control points of a markups node: (world RAS, label)."""
+    points = []
+    for n in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointPositionStatus(n) != markups_node.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(n, position)
+        points.append((np.asarray(position), markups_node.GetNthControlPointLabel(n)))
+    return points
+
+
+def is_positive(markups_node: Any) -> bool:
+    """Clicks from a markups node are positive unless its ``KPrism.Positive`` attribute is false."""
+    value = (markups_node.GetAttribute(POSITIVE_ATTRIBUTE) or "true").strip().lower()
+    return value not in ("0", "false", "no", "negative")
+
+
+def create_prompt_node(scene: Any, kind: str) -> Any:
+    """A markups node for prompts: 'positive' (green) or 'negative' (red) clicks, or a 'box' ROI."""
+    if kind == "box":
+        return scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "KPrism box")
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"KPrism {kind}")
+    node.SetAttribute(POSITIVE_ATTRIBUTE, "true" if kind == "positive" else "false")
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:  # none without the application's markups logic
+        display.SetSelectedColor((0.2, 0.8, 0.2) if kind == "positive" else (0.9, 0.2, 0.2))
+    return node
+
+
+def roi_corners(roi_node: Any) -> np.ndarray:
+    """The 8 corners (world RAS) of a markups ROI, which may be rotated."""
+    radius = [0.0, 0.0, 0.0]
+    roi_node.GetRadiusXYZ(radius)
+    object_to_world = slicer.util.arrayFromVTKMatrix(roi_node.GetObjectToWorldMatrix())  # origin at the centre
+    signs = np.array([(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
+    corners = np.hstack([signs * np.asarray(radius), np.ones((8, 1))])
+    return (corners @ object_to_world.T)[:, :3]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _name(node: Any) -> str:
+    return repr(node.GetName()) if node is not None and node.GetName() else "(unnamed node)"
+
+
+def _unit_color(color: Optional[Sequence[float]]) -> tuple[float, float, float]:
+    if color is None:
+        return (0.95, 0.84, 0.57)  # Slicer's default segment colour family
+    values = np.asarray(color, dtype=float)
+    if np.issubdtype(np.asarray(color).dtype, np.integer) or values.max() > 1.0:
+        values = values / 255.0
+    return tuple(float(v) for v in np.clip(values, 0.0, 1.0))

@@ -1,0 +1,472 @@
+"""The Slicer module's logic on real MRML nodes (slicer-core): every mode, refinement, undo, refusals.
+
+Geometry is checked in physical space: volumes are oblique and anisotropic, and results are read
+back through Slicer's own export (slicer.util.arrayFromSegmentBinaryLabelmap), not our converter.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import vtk
+from slicer_fixture import add_volume, blob_array, dice, oblique_ijk_to_ras, read_volume
+
+from KPrismSlicerLib import nodes
+from KPrismSlicerLib.logic import InteractiveSession, KPrismLogic, KPrismUnavailable, Prompt, SegmentationCancelled
+from KPrismSlicerLib.nodes import InputError
+
+
+def segment_array(segmentation, segment_id, volume) -> np.ndarray:
+    """A segment on the volume grid, (k, j, i), through Slicer's own export path."""
+    return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+
+
+def voxel_at(volume, ras) -> tuple[int, int, int]:
+    """The (k, j, i) array index of the voxel containing a RAS point, from the node's own RAS→IJK matrix."""
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume.GetRASToIJKMatrix(ras_to_ijk)
+    i, j, k = np.round(slicer.util.arrayFromVTKMatrix(ras_to_ijk) @ [*ras, 1.0])[:3].astype(int)
+    return k, j, i
+
+
+def provenance(segmentation, segment_id) -> dict:
+    return json.loads(nodes.segment_tag(segmentation.GetSegmentation().GetSegment(segment_id), nodes.PROVENANCE_TAG))
+
+
+def snapshot(segmentation, volume) -> dict:
+    return {sid: segment_array(segmentation, sid, volume).copy() for sid in nodes.segment_ids(segmentation)}
+
+
+@pytest.fixture
+def blob(scene):
+    """(volume, segmentation, blob mask) on an oblique, anisotropic grid."""
+    array = blob_array()
+    volume = add_volume(scene, array, oblique_ijk_to_ras(), "blob")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "blob segmentation")
+    return volume, segmentation, array > 0
+
+
+def xray_volume(scene, name: str):
+    """A chest X-ray as Slicer loads a picture: a single-slice volume, LPS identity (RAS diag(-1, -1, 1))."""
+    from kprism.io import read_image
+    from kprism.samples import sample_path
+
+    image = read_image(sample_path("chest_xray", f"{name}.png"), modality="x-ray")
+    truth = read_image(sample_path("chest_xray", f"{name}_lung.png")).array > 0
+    return add_volume(scene, image.array[np.newaxis], np.diag([-1.0, -1.0, 1.0, 1.0]), name), truth[np.newaxis]
+
+
+# ----------------------------------------------------------------------------------------------- conversions
+
+
+def test_geometry_of_oblique_anisotropic_volumes_matches_itk(scene, tmp_path):
+    from kprism.image import Geometry
+
+    lps_direction = np.diag([-1.0, -1.0, 1.0]) @ (oblique_ijk_to_ras()[:3, :3] / [0.8, 1.1, 3.0])
+    for name, flip in (("right_handed", 1.0), ("left_handed", -1.0)):
+        image = sitk.GetImageFromArray(blob_array() + np.arange(12, dtype=np.int16)[:, None, None])  # slices differ
+        image.SetSpacing((0.8, 1.1, 3.0))
+        image.SetOrigin((12.0, -40.0, 5.0))
+        image.SetDirection(tuple((lps_direction * [1.0, 1.0, flip]).ravel()))  # flip: a left-handed grid
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        node = read_volume(scene, tmp_path / f"{name}.nii.gz")
+        geometry, array = nodes.geometry_of(node), nodes.volume_array(node)
+        # Every voxel holds the same value at the same physical (LPS) point as in ITK.
+        for index in ([0, 0, 0], [24, 20, 6], [47, 39, 11], [5, 30, 2]):
+            i, j, k = np.round(geometry.lps_to_index(image.TransformIndexToPhysicalPoint(index))).astype(int)
+            assert array[k, j, i] == image[index]
+        np.testing.assert_allclose(geometry.spacing, image.GetSpacing())
+        itk_geometry = Geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        # Slicer's reader keeps a right-handed grid as it is and flips an axis of a left-handed one.
+        assert itk_geometry.same_as(geometry) == (flip > 0)
+        assert np.array_equal(array, sitk.GetArrayFromImage(image)) == (flip > 0)
+        np.testing.assert_allclose(nodes.ras_matrix_of(geometry), nodes.ijk_to_ras_matrix(node), atol=1e-6)
+
+
+def test_masks_round_trip_through_segments_on_an_oblique_grid(blob):
+    volume, segmentation, mask = blob
+    rng = np.random.default_rng(0)
+    noisy = mask & (rng.random(mask.shape) > 0.3)
+    segment_id = nodes.write_segment(segmentation, volume, noisy, name="noisy", color=(10, 200, 30))
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), noisy)  # Slicer's export
+    assert np.array_equal(nodes.segment_mask(segmentation, segment_id, volume), noisy)  # ours
+    np.testing.assert_allclose(nodes.segment_color(segmentation, segment_id), np.array([10, 200, 30]) / 255, atol=1e-6)
+    other = nodes.write_segment(segmentation, volume, mask, name="overlapping")  # overlaps keep both segments
+    assert np.array_equal(segment_array(segmentation, segment_id, volume), noisy)
+    assert np.array_equal(segment_array(segmentation, other, volume), mask)
+
+
+def test_bad_volumes_are_refused_and_the_segmentation_is_left_alone(scene, logic, blob):
+    volume, segmentation, _ = blob
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")
+    slicer.util.updateVolumeFromArray(rgb, np.zeros((1, 20, 30, 3), np.uint8))
+    line = add_volume(scene, np.zeros((1, 1, 30), np.int16), np.eye(4), "line")
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    cases = [(None, "No input volume"), (rgb, "RGB or vector volume"), (line, "a line or a point"), (empty, "has no voxels")]
+    for bad, message in cases:
+        with pytest.raises(InputError, match=message):
+            logic.segment(bad, segmentation, "semantic", classes=["liver"])
+    with pytest.raises(InputError, match="Unknown mode"):
+        logic.segment(volume, segmentation, "guess")
+    with pytest.raises(ValueError, match="Unknown class 'livr'"):
+        logic.segment(volume, segmentation, "semantic", classes=["livr"])
+    assert nodes.segment_ids(segmentation) == []
+
+
+# ----------------------------------------------------------------------------------------------- semantic
+
+
+def test_semantic_lung_on_a_single_slice_xray_volume(scene, logic):
+    volume, truth = xray_volume(scene, "MCUCXR_0013_0")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    progress = []
+    written = logic.segment(volume, segmentation, "semantic", classes=["lung"], modality="x-ray",
+                            progress=lambda fraction, message: progress.append(fraction))
+    assert list(written) == ["lung"] and progress[-1] == 1.0
+    lung = segment_array(segmentation, written["lung"], volume)
+    assert dice(lung, truth) > 0.85
+    expected_color = np.array(logic.session.catalog.entry("lung").color) / 255
+    np.testing.assert_allclose(nodes.segment_color(segmentation, written["lung"]), expected_color, atol=1e-6)
+    tag = provenance(segmentation, written["lung"])
+    assert tag["mode"] == "semantic" and tag["classes"] == ["lung"] and tag["model"] == "kprism-tiny"
+    again = logic.segment(volume, segmentation, "semantic", classes=["lung"], modality="x-ray")
+    assert again == written and nodes.segment_ids(segmentation) == [written["lung"]]  # replaced, not added
+
+
+def test_semantic_classes_on_the_bundled_ct_make_one_label_map(scene, logic):
+    from kprism.samples import sample_path
+
+    volume = read_volume(scene, sample_path("ct", "ts_ct_001crop.nii.gz"), "ct")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    written = logic.segment(volume, segmentation, "semantic", classes=["liver", "spleen"], modality="ct")
+    assert list(written) == ["liver", "spleen"]
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 1  # overlaps resolved: most probable class wins
+    liver, spleen = (segment_array(segmentation, written[name], volume) for name in ("liver", "spleen"))
+    assert not (liver & spleen).any()
+    names = [nodes.segment_name(segmentation, sid) for sid in nodes.segment_ids(segmentation)]
+    assert names == ["liver", "spleen"]
+
+
+# ----------------------------------------------------------------------------------------------- in-context
+
+
+def test_in_context_finds_the_lungs_shown_on_another_xray(scene, logic):
+    reference, reference_truth = xray_volume(scene, "MCUCXR_0001_0")
+    target, truth = xray_volume(scene, "MCUCXR_0013_0")
+    examples = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "examples")
+    lung_id = nodes.write_segment(examples, reference, reference_truth, name="lungs", color=(0.1, 0.4, 0.9))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    written = logic.segment(target, segmentation, "incontext", references=[(reference, examples, lung_id)], modality="x-ray")
+    assert list(written) == ["lungs"]  # named and coloured after the reference segment
+    np.testing.assert_allclose(nodes.segment_color(segmentation, written["lungs"]), (0.1, 0.4, 0.9), atol=1e-6)
+    assert dice(segment_array(segmentation, written["lungs"], target), truth) > 0.8
+    assert provenance(segmentation, written["lungs"])["references"][0]["segment"] == "lungs"
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no segments")
+    before = snapshot(segmentation, target)
+    with pytest.raises(InputError, match="has no segments"):
+        logic.segment(target, segmentation, "incontext", references=[(reference, empty, None)])
+    blank = nodes.write_segment(examples, reference, np.zeros_like(reference_truth), name="blank")
+    with pytest.raises(InputError, match="is empty"):
+        logic.segment(target, segmentation, "incontext", references=[(reference, examples, blank)])
+    after = snapshot(segmentation, target)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------------------------- interactive
+
+
+def test_acceptance_click_on_an_oblique_volume_lands_inside_the_segment(scene, logic, blob):
+    """THE ACCEPTANCE TEST: a markups fiducial at a known RAS point on an oblique volume with a bright
+    blob, used as a positive click: the voxel at that RAS point is inside the resulting segment."""
+    volume, segmentation, mask = blob
+    ras = (oblique_ijk_to_ras() @ [24.3, 19.8, 6.2, 1.0])[:3]  # inside the blob, between voxel centres
+    fiducial = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "click")
+    fiducial.AddControlPoint(ras.tolist())
+    session = logic.interactive(volume, segmentation)
+    session.add_fiducial(fiducial)
+
+    result = segment_array(segmentation, session.segment_id, volume)
+    k, j, i = voxel_at(volume, ras)
+    assert (k, j, i) == (6, 20, 24)
+    assert result[k, j, i] == 1
+    # The click segments its own slice, and mostly the blob there.
+    assert result.sum() == result[k].sum() and dice(result[k], mask[k]) > 0.2
+    assert (result[k] & ~mask[k]).sum() <= 0.1 * result[k].sum()
+    tag = provenance(segmentation, session.segment_id)
+    assert tag["mode"] == "interactive" and tag["prompts"] == [{"type": "point", "ras": np.round(ras, 3).tolist(), "positive": True}]
+
+
+def test_box_scribble_negative_click_and_undo(scene, logic, blob):
+    volume, segmentation, mask = blob
+    session = logic.interactive(volume, segmentation, name="blob")
+    roi = nodes.create_prompt_node(scene, "box")
+    ijk_to_ras = oblique_ijk_to_ras()
+    roi.SetXYZ((ijk_to_ras @ [24, 20, 6, 1])[:3].tolist())
+    roi.SetRadiusXYZ(8.0, 8.0, 4.0)  # an axis-aligned RAS box around the centre of the oblique blob
+    session.add_box(roi)
+    boxed = segment_array(segmentation, session.segment_id, volume)
+    corners = [voxel_at(volume, (ijk_to_ras @ [24, 20, 6, 1])[:3] + np.array([x, y, z]))
+               for x in (-8, 8) for y in (-8, 8) for z in (-4, 4)]
+    low, high = np.min(corners, axis=0), np.max(corners, axis=0)
+    # Every slice the box spans gets a result, and only those; in-plane it stays around the box (the
+    # bundled model's masks are not clipped to the box; on this synthetic blob it marks the box area).
+    assert np.unique(np.nonzero(boxed)[0]).tolist() == list(range(low[0], high[0] + 1))
+    rows, columns = np.nonzero(boxed.any(axis=0))
+    assert low[1] - 4 <= rows.min() and rows.max() <= high[1] + 4
+    assert low[2] - 4 <= columns.min() and columns.max() <= high[2] + 4
+
+    helper = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scribbles")
+    stroke = np.zeros_like(mask)
+    stroke[7, 18:23, 20:29] = True
+    scribble_id = nodes.write_segment(helper, volume, stroke, name="stroke")
+    session.add_scribble(helper, scribble_id, positive=True)
+    scribbled = segment_array(segmentation, session.segment_id, volume)
+    assert scribbled[7][stroke[7]].mean() > 0.5
+
+    negative = nodes.create_prompt_node(scene, "negative")  # the widget's red click list
+    negative.AddControlPoint((ijk_to_ras @ [24, 20, 7, 1])[:3].tolist())
+    session.add_fiducial(negative)
+    assert session.prompts[-1]["positive"] is False
+    session.undo()  # back to exactly the scribble result
+    assert np.array_equal(segment_array(segmentation, session.segment_id, volume), scribbled)
+    session.undo()
+    assert np.array_equal(segment_array(segmentation, session.segment_id, volume), boxed)
+    assert [p["type"] for p in provenance(segmentation, session.segment_id)["prompts"]] == ["box"]
+
+
+def test_refining_an_existing_segment_writes_into_it(scene, logic, blob):
+    volume, segmentation, mask = blob
+    rough = np.zeros_like(mask)
+    rough[6, 14:26, 14:26] = True  # a corner of the blob, drawn by hand
+    segment_id = nodes.write_segment(segmentation, volume, rough, name="manual")
+    session = logic.interactive(volume, segmentation, segment_id)
+    ras = (oblique_ijk_to_ras() @ [30, 22, 6, 1])[:3]
+    session.add_click(ras, positive=True)
+    refined = segment_array(segmentation, segment_id, volume)
+    assert nodes.segment_ids(segmentation) == [segment_id]
+    assert refined[6, 22, 30] == 1
+    tag = provenance(segmentation, segment_id)
+    assert tag["refined"] == "manual" and tag["prompts"][0]["type"] == "point"
+
+    # The blocking form: prompts refine the segment given as a prior.
+    again = logic.segment(volume, segmentation, "interactive", prompts=[Prompt.prior(segmentation, segment_id), Prompt.point(ras)])
+    assert again == {"manual": segment_id}
+    assert segment_array(segmentation, segment_id, volume)[6, 22, 30] == 1
+
+
+def test_a_click_continues_the_last_semantic_result(scene, logic):
+    volume, truth = xray_volume(scene, "MCUCXR_0013_0")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    lung_id = logic.segment(volume, segmentation, "semantic", classes=["lung"], modality="x-ray")["lung"]
+    session = logic.interactive(volume, segmentation, lung_id, modality="x-ray")
+    rows, columns = np.nonzero(truth[0])
+    session.add_click(nodes.volume_ras(volume, [columns[0] + 1, rows[0] + 1, 0]), positive=True)
+    assert dice(segment_array(segmentation, lung_id, volume), truth) > 0.8
+    tag = provenance(segmentation, lung_id)  # the class knowledge was kept, not turned into a prior mask
+    assert "refined" not in tag and tag["continues"]["classes"] == ["lung"] and len(tag["prompts"]) == 1
+
+
+def test_sessions_interleaved_with_a_blocking_run_keep_their_own_segments(scene, logic, blob):
+    volume, segmentation, mask = blob
+    to_ras = oblique_ijk_to_ras()
+    first = logic.interactive(volume, segmentation, name="first")
+    first.add_click((to_ras @ [24, 20, 6, 1])[:3])
+    liver = logic.segment(volume, segmentation, "semantic", classes=["liver"])["liver"]  # takes over the session
+    liver_before = segment_array(segmentation, liver, volume).copy()
+    second = logic.interactive(volume, segmentation, name="second")
+    second.add_click((to_ras @ [24, 20, 4, 1])[:3])
+    first.add_click((to_ras @ [28, 20, 6, 1])[:3])  # continues from its own segment, not from the others
+    ours = segment_array(segmentation, first.segment_id, volume)
+    assert ours[6, 20, 24] == 1 and ours[6, 20, 28] == 1 and not ours[4].any()
+    assert np.array_equal(segment_array(segmentation, liver, volume), liver_before)
+    assert segment_array(segmentation, second.segment_id, volume)[4, 20, 24] == 1
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def test_locked_segments_are_left_untouched(scene, logic, blob):
+    volume, segmentation, mask = blob
+    ras = (oblique_ijk_to_ras() @ [24, 20, 6, 1])[:3]
+    for lock in ("tag", "status"):
+        segment_id = nodes.write_segment(segmentation, volume, mask, name=f"locked by {lock}")
+        segment = segmentation.GetSegmentation().GetSegment(segment_id)
+        if lock == "tag":
+            segment.SetTag(nodes.LOCK_TAG, "true")
+        else:
+            slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed)
+        before = snapshot(segmentation, volume)
+        with pytest.raises(InputError, match="is locked"):
+            logic.interactive(volume, segmentation, segment_id).add_click(ras)
+        with pytest.raises(InputError, match="is locked"):
+            logic.segment(volume, segmentation, "interactive", prompts=[Prompt.point(ras)], segment_id=segment_id)
+        after = snapshot(segmentation, volume)
+        assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_click_outside_the_volume_is_refused(scene, logic, blob):
+    volume, segmentation, _ = blob
+    session = logic.interactive(volume, segmentation)
+    outside = (oblique_ijk_to_ras() @ [24, 20, 40, 1])[:3]  # k = 40 on a 12-slice volume
+    with pytest.raises(InputError, match="outside the volume"):
+        session.add_click(outside)
+    with pytest.raises(InputError, match="outside the volume"):
+        logic.segment(volume, segmentation, "interactive", prompts=[Prompt.point(outside)])
+    assert nodes.segment_ids(segmentation) == [] and session.prompts == []
+
+
+def test_points_follow_the_volume_transform(scene, logic, blob):
+    volume, segmentation, _ = blob
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = (40.0, -15.0, 7.5)
+    shift.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(shift.GetID())
+    local = (oblique_ijk_to_ras() @ [24, 20, 6, 1])[:3]
+    np.testing.assert_allclose(nodes.world_to_ijk(volume, local + matrix[:3, 3]), [24, 20, 6], atol=1e-9)
+    with pytest.raises(InputError, match="different transforms"):
+        logic.interactive(volume, segmentation)
+    segmentation.SetAndObserveTransformNodeID(shift.GetID())
+    session = logic.interactive(volume, segmentation)
+    session.add_click(local + matrix[:3, 3])  # a world point
+    assert segment_array(segmentation, session.segment_id, volume)[6, 20, 24] == 1
+
+
+def test_cancelling_leaves_the_segmentation_as_it_was(scene, logic, blob):
+    from kprism.samples import sample_path
+
+    volume = read_volume(scene, sample_path("ct", "ts_ct_001crop.nii.gz"), "ct")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    existing = np.zeros(nodes.volume_array(volume).shape, np.uint8)
+    existing[10:20, 30:60, 40:80] = 1
+    nodes.write_segment(segmentation, volume, existing, name="liver")  # would be replaced by a semantic run
+    before = snapshot(segmentation, volume)
+    calls = []
+    with pytest.raises(SegmentationCancelled):
+        logic.segment(volume, segmentation, "semantic", classes=["liver", "kidney_left"],
+                      progress=lambda fraction, message: calls.append(message), cancel=lambda: len(calls) > 3)
+    assert any("slices" in message for message in calls)  # cancelled mid-volume
+    after = snapshot(segmentation, volume)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_failure_while_writing_restores_the_segmentation(scene, logic, monkeypatch):
+    """Fault injection: the second of two segments fails to write (say, out of memory)."""
+    volume, truth = xray_volume(scene, "MCUCXR_0013_0")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    kept = nodes.write_segment(segmentation, volume, truth, name="lung")
+    before = snapshot(segmentation, volume)
+    real, calls = nodes.write_segment, []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise MemoryError("no memory left")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nodes, "write_segment", failing)
+    with pytest.raises(MemoryError):
+        logic.segment(volume, segmentation, "semantic", classes=["lung", "lung_right"], modality="x-ray")
+    after = snapshot(segmentation, volume)
+    assert list(after) == [kept] and np.array_equal(after[kept], before[kept])
+
+
+def test_no_model_available_is_a_clear_error(scene, blob, tmp_path):
+    volume, segmentation, _ = blob
+    missing = KPrismLogic(model=str(tmp_path / "missing.safetensors"), device="cpu", threads=1)
+    with pytest.raises(KPrismUnavailable, match="No KPrism model available"):
+        missing.segment(volume, segmentation, "semantic", classes=["liver"])
+    with pytest.raises(KPrismUnavailable):
+        InteractiveSession(missing, volume, segmentation)
+    assert nodes.segment_ids(segmentation) == []
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def test_seg_nrrd_written_by_the_storage_node_reads_back_with_slicerio(scene, logic, blob, tmp_path):
+    import batch
+    import slicerio
+    from kprism.io import read_segmentation
+
+    volume, segmentation, mask = blob
+    session = logic.interactive(volume, segmentation, name="blob")
+    session.add_click((oblique_ijk_to_ras() @ [24, 20, 6, 1])[:3])
+    second = np.zeros_like(mask)
+    second[2:4, 5:9, 30:40] = True
+    other = nodes.write_segment(segmentation, volume, second, name="other", color=(255, 128, 0))
+    target = tmp_path / "out" / "blob.seg.nrrd"
+    batch.write_output(scene, segmentation, volume, target)
+    assert [p.name for p in target.parent.iterdir()] == ["blob.seg.nrrd"]  # no temporary left behind
+
+    labels, geometry, segments = read_segmentation(target)
+    assert geometry.same_as(nodes.geometry_of(volume)) and labels.shape == mask.shape
+    by_name = {s["name"]: s for s in segments}
+    assert set(by_name) == {"blob", "other"}
+    for name, segment_id in (("blob", session.segment_id), ("other", other)):
+        assert np.array_equal(labels == by_name[name]["value"], segment_array(segmentation, segment_id, volume) > 0)
+    np.testing.assert_allclose(by_name["other"]["color"], (1.0, 128 / 255, 0.0), atol=1e-3)
+    assert json.loads(by_name["blob"]["tags"]["KPrism.Provenance"])["prompts"][0]["type"] == "point"
+    raw = slicerio.read_segmentation(str(target))
+    np.testing.assert_allclose(raw["ijkToLPS"], np.diag([-1, -1, 1, 1]) @ oblique_ijk_to_ras(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- module files
+
+
+def test_module_files_agree_with_each_other():
+    """What the Slicer application would load, checked without it: .ui names, parameters, CMake, catalog entry."""
+    import ast
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    from slicer_fixture import SLICER_MODULE_DIR
+
+    ui = ElementTree.parse(SLICER_MODULE_DIR / "Resources" / "UI" / "KPrismSlicer.ui")
+    widgets = {w.get("name") for w in ui.iter("widget")}
+    bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    tree = ast.parse((SLICER_MODULE_DIR / "KPrismSlicerLib" / "parameters.py").read_text())
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "KPrismSlicerParameterNode")
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    assert bound <= fields, f"widgets bound to unknown parameters: {bound - fields}"
+    module = (SLICER_MODULE_DIR / "KPrismSlicer.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", module))
+    assert used <= widgets, f"KPrismSlicer.py uses widgets missing from the .ui: {used - widgets}"
+    assert len(module.splitlines()) <= 300
+    cmake = (SLICER_MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "KPrismSlicer")
+    shipped = {str(p.relative_to(SLICER_MODULE_DIR)) for p in SLICER_MODULE_DIR.rglob("*")
+               if p.is_file() and p.suffix in (".py", ".ui", ".png", ".txt") and p.name != "CMakeLists.txt" and "__pycache__" not in p.parts}
+    assert {f for f in shipped if f not in cmake} == set()
+    from packaging.requirements import Requirement
+
+    from KPrismSlicerLib import install
+
+    listed = {Requirement(line).name.lower() for line in install.requirements()}
+    assert not listed & {"torch", "numpy", "simpleitk"} and install.missing() == []  # Slicer's own are never replaced
+    entry = json.loads((SLICER_MODULE_DIR.parent / "KPrismSlicer.json").read_text())
+    assert {"$schema", "category", "scm_url"} <= set(entry) and "schema-v1.0.2" in entry["$schema"]
+    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                          "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+
+
+def test_the_logic_imports_without_torch_or_kprism():
+    """Slicer imports the module before its dependencies are installed: only first use needs them."""
+    import subprocess
+    import sys
+
+    from slicer_fixture import SLICER_MODULE_DIR
+
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['kprism'] = None\n"
+        f"sys.path.insert(0, {str(SLICER_MODULE_DIR)!r})\n"
+        "from KPrismSlicerLib import logic, nodes\n"
+        "try:\n    logic.KPrismLogic().session\nexcept logic.KPrismUnavailable as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "KPrism is not installed" in result.stdout and "Install dependencies" in result.stdout
