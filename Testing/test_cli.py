@@ -149,3 +149,16 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path):
 def test_help_everywhere(command):
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: kprism" in result.stdout
+
+
+def test_propagate_carries_a_clicked_slice_into_its_neighbours(tmp_path):
+    image = oblique_ct(tmp_path / "ct.nii.gz")
+    (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [24, 20, 6], "positive": True}]}))
+    single, spread = tmp_path / "single.nii.gz", tmp_path / "spread.nii.gz"
+    assert run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--out", str(single)).returncode == 0
+    result = run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--propagate", "--out", str(spread))
+    assert result.returncode == 0, result.stderr
+    one = sitk.GetArrayFromImage(sitk.ReadImage(str(single)))
+    many = sitk.GetArrayFromImage(sitk.ReadImage(str(spread)))
+    assert np.array_equal(one[6], many[6]) and one.sum() == one[6].sum()
+    assert many.any(axis=(1, 2)).sum() >= one.any(axis=(1, 2)).sum()

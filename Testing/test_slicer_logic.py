@@ -470,3 +470,18 @@ def test_the_logic_imports_without_torch_or_kprism():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "KPrism is not installed" in result.stdout and "Install dependencies" in result.stdout
+
+
+def test_propagation_from_a_clicked_slice_fills_its_neighbours_and_undoes_as_one(scene, logic, blob):
+    volume, segmentation, mask = blob
+    session = logic.interactive(volume, segmentation)
+    session.add_click((oblique_ijk_to_ras() @ [24, 20, 6, 1.0])[:3].tolist())
+    clicked = segment_array(segmentation, session.segment_id, volume)
+    session.propagate(min_quality=0.0, min_area_ratio=0.0, stop_when_unchanged=None)  # only an empty slice stops it
+    spread = segment_array(segmentation, session.segment_id, volume)
+    slices = np.nonzero(spread.any(axis=(1, 2)))[0].tolist()
+    assert {5, 6, 7} <= set(slices) and slices == list(range(slices[0], slices[-1] + 1))  # one run through slice 6
+    assert np.array_equal(spread[6], clicked[6])
+    assert provenance(segmentation, session.segment_id)["prompts"][-1]["type"] == "propagate"
+    session.undo()
+    assert np.array_equal(segment_array(segmentation, session.segment_id, volume), clicked)

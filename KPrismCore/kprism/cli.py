@@ -24,6 +24,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-mask", help="a mask to refine (on the image grid, or resampled onto it)")
     p.add_argument("--modality", help="ct, mri, x-ray, ultrasound, ... (default: from the file, else unknown)")
     p.add_argument("--axis", type=int, default=0, help="3D slicing axis of the LPS view: 0 axial (default), 1 coronal, 2 sagittal")
+    p.add_argument("--propagate", action="store_true",
+                   help="3D: carry the result on the last prompted slice through the neighbouring slices")
     p.add_argument("--name", default="segment", help="segment name for in-context / interactive results")
     p.add_argument("--overlay", help="also write a PNG quick look here")
     _add_runtime(p)
@@ -121,6 +123,11 @@ def _segment(args: argparse.Namespace) -> int:
     if prompts and not prompts.is_empty():
         results = {classes[0] if classes else args.name: apply_prompts(session, prompts)}
         provenance["prompts"] = args.prompts
+    if args.propagate:
+        if len(results) != 1:
+            raise ValueError("--propagate carries one structure: use it with prompts, --init-mask or a single class.")
+        results = {next(iter(results)): session.propagate()}
+        provenance["propagate"] = True
 
     labels, segments = _label_map(results, session.catalog)
     for segment in segments:

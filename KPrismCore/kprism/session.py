@@ -313,6 +313,59 @@ class KPrismSession:
         self._start_target(None, np.ascontiguousarray(volume), np.full(self.num_slices, np.nan, dtype=np.float32))
         return self.result()
 
+    def propagate(
+        self, start: Optional[int] = None, *, min_quality: float = 0.3, min_area_ratio: float = 0.2,
+        stop_when_unchanged: Optional[float] = 0.97, progress: Optional[Progress] = None,
+    ) -> SegmentationResult:
+        """Carry the target's mask on slice `start` through the neighbouring slices, both ways.
+
+        Each next slice is segmented in-context with two references: the last accepted slice and
+        the start slice (so the structure can change shape gradually without drifting away from
+        what the user marked). A direction stops when the predicted quality drops below
+        `min_quality`, when the mask shrinks below `min_area_ratio` of the previous slice's, or —
+        after a correction — when a slice comes out as it already was (Dice ≥ `stop_when_unchanged`),
+        so that only the affected range is redone. One `undo()` takes the whole propagation back.
+        """
+        self._require_image()
+        if self.image.ndim != 3:
+            raise ValueError("Propagation needs a 3D volume; this image is 2D.")
+        if self._volume is None:
+            raise RuntimeError("Nothing to propagate: segment, click or set a prior mask on a slice first.")
+        start = self._last_slice if start is None else start
+        if start is None or not 0 <= start < self.num_slices:
+            raise ValueError(f"Give the slice to propagate from (0–{self.num_slices - 1}).")
+        seed = self._slice_of(self._volume, start) >= 0.5
+        if not seed.any():
+            raise ValueError(f"Slice {start} holds no segmentation to propagate.")
+        anchor = (self.features([start])[0].embedding, resize_mask(seed, self.size))
+        group, done = False, 0
+        for direction in (1, -1):
+            previous, previous_area = anchor, int(seed.sum())
+            index = start + direction
+            while 0 <= index < self.num_slices:
+                references = [previous] if previous is anchor else [previous, anchor]
+                prompts = Prompts(ref_features=torch.cat([f for f, _ in references])[None],
+                                  ref_masks=torch.stack([m for _, m in references])[None, :, None])
+                logits, quality = self._decode(self.features([index])[0], prompts)
+                probability = self._to_slice_grid(logits[0])
+                mask = probability >= 0.5
+                if quality[0] < min_quality or mask.sum() < max(1, min_area_ratio * previous_area):
+                    break
+                old = self._slice_of(self._volume, index)
+                self._history.append((index, self._slices.get(index), old.copy(), self._quality[index], group))
+                group = True
+                unchanged = stop_when_unchanged is not None and old.any() and _dice(old >= 0.5, mask) >= stop_when_unchanged
+                self._write_slice(self._volume, index, probability)
+                self._quality[index] = quality[0]
+                if unchanged:
+                    break
+                previous, previous_area = (self.features([index])[0].embedding, resize_mask(mask, self.size)), int(mask.sum())
+                index += direction
+                done += 1
+                if progress:
+                    progress(done, self.num_slices - 1)
+        return self.result()  # type: ignore[return-value]
+
     def undo(self) -> Optional[SegmentationResult]:
         """Take back the last interaction (a multi-slice box or scribble counts as one)."""
         while self._history:
@@ -334,6 +387,7 @@ class KPrismSession:
         self._quality = np.full(self.num_slices if self.image is not None else 1, np.nan, dtype=np.float32)
         self._slices: dict[int, _SliceState] = {}
         self._history: list = []
+        self._last_slice: Optional[int] = None
 
     def result(self) -> Optional[SegmentationResult]:
         """The current target's result on the source grid (None before any prompt)."""
@@ -388,6 +442,7 @@ class KPrismSession:
         previous = self._slice_of(self._volume, index).copy()
         self._history.append((index, previous_state, previous, self._quality[index], group))
         self._slices[index] = state
+        self._last_slice = index
         logits, quality = self._decode(self.features([index])[0], self._slice_prompts(state, previous))
         self._write_slice(self._volume, index, self._to_slice_grid(logits[0]))
         self._quality[index] = quality[0]
@@ -416,6 +471,11 @@ class KPrismSession:
             geometry=self.image.geometry,
             slice_quality=quality.copy() if self.image.ndim == 3 else None,
         )
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def _resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -183,3 +183,38 @@ def test_feature_cache_respects_its_memory_bound(tiny_model):
     session.set_image(np.random.default_rng(9).normal(size=(6, 32, 32)).astype(np.float32))
     session.features(list(range(6)))
     assert session._cache.nbytes <= 3 * 2**20 and len(session._cache) < 6
+
+
+# --------------------------------------------------------------------------------------- propagation
+def test_propagation_reaches_every_slice_when_nothing_stops_it_and_undoes_as_one(session):
+    volume = np.random.default_rng(10).normal(size=(9, 32, 32)).astype(np.float32)
+    session.set_image(volume, modality="mri")
+    session.add_click([16, 16, 4])
+    before = session.result().probability.copy()
+    result = session.propagate(min_quality=0.0, min_area_ratio=0.0, stop_when_unchanged=None)
+    touched = {int(k) for k in np.unique(np.argwhere(result.probability > 0)[:, 0])}
+    assert touched == set(range(9))
+    session.undo()
+    np.testing.assert_array_equal(session.result().probability, before)
+
+
+def test_propagation_stops_where_the_quality_says_the_structure_ends(session):
+    volume = np.random.default_rng(11).normal(size=(9, 32, 32)).astype(np.float32)
+    session.set_image(volume, modality="mri")
+    session.add_click([16, 16, 4])
+    result = session.propagate(min_quality=1.01)  # no slice can be good enough
+    assert {int(k) for k in np.unique(np.argwhere(result.probability > 0)[:, 0])} == {4}
+
+
+def test_propagation_needs_a_volume_and_a_seed(session):
+    session.set_image(np.zeros((32, 32), np.float32))
+    with pytest.raises(ValueError, match="needs a 3D volume"):
+        session.propagate()
+    session.set_image(np.zeros((5, 32, 32), np.float32))
+    with pytest.raises(RuntimeError, match="Nothing to propagate"):
+        session.propagate()
+    session.set_prior_mask(np.zeros((5, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="slice to propagate from"):
+        session.propagate()
+    with pytest.raises(ValueError, match="no segmentation"):
+        session.propagate(2)

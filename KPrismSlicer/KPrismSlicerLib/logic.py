@@ -102,8 +102,6 @@ class KPrismLogic:
         threads: CPU threads (default: kprism's, two at most).
     """
 
-    propagation_available = False  # 3D propagation of a slice result: future work
-
     def __init__(self, model: Optional[str] = None, device: str = "auto", threads: Optional[int] = None):
         self.model, self.device, self.threads = model or None, device or "auto", threads
         self._session = None
@@ -318,9 +316,6 @@ class KPrismLogic:
         """A click-by-click session writing into `segment_id` (refined if non-empty) or a new segment."""
         return InteractiveSession(self, volume_node, segmentation_node, segment_id, name, modality, axis)
 
-    def propagate(self, *_: Any, **__: Any) -> None:
-        raise NotImplementedError("3D propagation of a slice result to its neighbours is not available yet.")
-
 
 class InteractiveSession:
     """Clicks, boxes and scribbles on one volume, each result written into one segment at once.
@@ -401,6 +396,19 @@ class InteractiveSession:
         recorded: list[dict] = []
         result = _apply(self.session, prompt, self.volume_node, recorded)
         self.prompts.extend(recorded)
+        self._write(result)
+        return result
+
+    def propagate(self, start_ras: Optional[Sequence[float]] = None, **options: Any):
+        """Carry the segment on the last prompted slice (or the slice through `start_ras`) to its neighbours.
+
+        `options` go to `KPrismSession.propagate` (stopping rules: min_quality, min_area_ratio, ...).
+        """
+        nodes.check_editable(self.segmentation_node, self.segment_id)
+        session = self.session
+        start = session.locate(start_ras, "ras")[0] if start_ras is not None else session._last_slice
+        result = session.propagate(start, **options)
+        self.prompts.append({"type": "propagate", "from_slice": start, **options})
         self._write(result)
         return result
 
