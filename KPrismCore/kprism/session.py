@@ -27,6 +27,7 @@ from .slice_cache import FeatureCache
 
 Progress = Callable[[int, int], None]
 ENCODE_BATCH = 8
+DECODE_BATCH = 16  # (slice, prompt) pairs per decoder call: bounds the stride-2 activations
 PRIOR_LOGIT = 6.0  # a binary prior mask becomes logits of ±6 (probability 0.998)
 
 
@@ -173,15 +174,34 @@ class KPrismSession:
 
     @torch.inference_mode()
     def _decode(self, features: ImageFeatures, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
-        """→ logits on the model grid (B, S, S) and quality (B,), both numpy."""
+        """→ mask logits at the model's output stride (B, S/2, S/2) and quality (B,), both numpy."""
         threads = 1 if self.device.type == "cpu" else self.threads
         with torch_threads(threads), autocast(self.device):
             out = self.model.decode(features, prompts.to(self.device))
-        logits = upsample_logits(out.logits.float(), (self.size, self.size))[:, 0]
-        return logits.cpu().numpy(), out.quality.float().cpu().numpy()
+        return out.logits.float()[:, 0].cpu().numpy(), out.quality.float().cpu().numpy()
+
+    def _decode_slices(self, indices: Sequence[int], prompts: Prompts, progress: Optional[Progress] = None):
+        """Yields (slice, logits, quality) for every slice, the same prompts on each.
+
+        Slices are encoded and decoded in batches: far fewer, larger operations than slice by slice.
+        """
+        per_slice = prompts.batch_size()
+        step = max(1, DECODE_BATCH // per_slice)
+        for start in range(0, len(indices), step):
+            chunk = list(indices[start : start + step])
+            features = self.features(chunk)
+            batch = ImageFeatures(
+                torch.cat([f.embedding for f in features]).repeat_interleave(per_slice, 0),
+                tuple(torch.cat([f.skips[k] for f in features]).repeat_interleave(per_slice, 0) for k in range(3)),  # type: ignore[arg-type]
+            )
+            logits, quality = self._decode(batch, prompts.tile(len(chunk)))
+            for n, index in enumerate(chunk):
+                yield index, logits[n * per_slice : (n + 1) * per_slice], quality[n * per_slice : (n + 1) * per_slice]
+            if progress:
+                progress(start + len(chunk), len(indices))
 
     def _to_slice_grid(self, logits: np.ndarray) -> np.ndarray:
-        """Model-grid logits (S, S) → probability on the canonical slice grid."""
+        """Model-output logits (S/2, S/2) → probability on the canonical slice grid, in one resize."""
         tensor = torch.from_numpy(np.ascontiguousarray(logits))[None, None]
         return torch.sigmoid(upsample_logits(tensor, self._slice_shape()))[0, 0].numpy()
 
@@ -199,14 +219,10 @@ class KPrismSession:
         indices = list(range(self.num_slices)) if slices is None else list(slices)
         volumes = {name: self._empty_volume() for name in class_names}
         qualities = {name: np.full(self.num_slices, np.nan, dtype=np.float32) for name in class_names}
-        for done, index in enumerate(indices):
-            features = self.features([index])[0]
-            logits, quality = self._decode(features, Prompts(class_ids=torch.tensor(class_ids)))
+        for index, logits, quality in self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress):
             for n, name in enumerate(class_names):
                 self._write_slice(volumes[name], index, self._to_slice_grid(logits[n]))
                 qualities[name][index] = quality[n]
-            if progress:
-                progress(done + 1, len(indices))
         results = {name: self._result(volumes[name], qualities[name]) for name in class_names}
         if len(class_names) == 1:
             self._start_target(Prompts(class_ids=torch.tensor(class_ids)), volumes[class_names[0]], qualities[class_names[0]])
@@ -229,12 +245,9 @@ class KPrismSession:
         knowledge = Prompts(ref_features=ref_features, ref_masks=torch.stack(ref_masks)[None, :, None])
         indices = list(range(self.num_slices)) if slices is None else list(slices)
         volume, qualities = self._empty_volume(), np.full(self.num_slices, np.nan, dtype=np.float32)
-        for done, index in enumerate(indices):
-            logits, quality = self._decode(self.features([index])[0], knowledge)
+        for index, logits, quality in self._decode_slices(indices, knowledge, progress):
             self._write_slice(volume, index, self._to_slice_grid(logits[0]))
             qualities[index] = quality[0]
-            if progress:
-                progress(done + 1, len(indices))
         self._start_target(knowledge, volume, qualities)
         return self._result(volume, qualities)
 

@@ -54,6 +54,13 @@ class Prompts:
     def to(self, device: torch.device | str) -> "Prompts":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None})
 
+    def tile(self, times: int) -> "Prompts":
+        """The whole batch repeated `times` times (to pair the same prompts with several images)."""
+        if times == 1:
+            return self
+        return replace(self, **{f.name: getattr(self, f.name).repeat(times, *[1] * (getattr(self, f.name).dim() - 1))
+                                for f in fields(self) if getattr(self, f.name) is not None})
+
     def mode_flags(self) -> torch.Tensor:
         """(B, len(MODES)) float: which kinds of prompt each sample carries."""
         b = self.batch_size()
