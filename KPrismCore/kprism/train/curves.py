@@ -41,3 +41,11 @@ def plot_learning_curve(run_dir: str | Path, path: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure).print_figure(str(target))
     return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m kprism.train.curves RUN_DIR OUT.png")
+    print(f"wrote {plot_learning_curve(sys.argv[1], sys.argv[2])}")
