@@ -162,3 +162,14 @@ def test_propagate_carries_a_clicked_slice_into_its_neighbours(tmp_path):
     many = sitk.GetArrayFromImage(sitk.ReadImage(str(spread)))
     assert np.array_equal(one[6], many[6]) and one.sum() == one[6].sum()
     assert many.any(axis=(1, 2)).sum() >= one.any(axis=(1, 2)).sum()
+
+
+def test_several_classes_make_one_label_map_with_named_segments(tmp_path):
+    from kprism.samples import sample_path
+
+    out = tmp_path / "organs.seg.nrrd"
+    code = main(["segment", str(sample_path("ct", "ts_ct_001crop.nii.gz")), "--classes", "liver,spleen,aorta", "--out", str(out)])
+    assert code == 0
+    labels, geometry, segments = read_segmentation(out)
+    assert [s["name"] for s in segments] == ["liver", "spleen", "aorta"] and [s["value"] for s in segments] == [1, 2, 3]
+    assert labels.shape == (30, 101, 122) and set(np.unique(labels).tolist()) <= {0, 1, 2, 3}

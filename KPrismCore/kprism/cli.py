@@ -107,6 +107,10 @@ def _segment(args: argparse.Namespace) -> int:
     progress = _progress_printer("segmenting") if image.ndim == 3 else None
     provenance: dict = {"model": str(args.model or "kprism-tiny")}
     results = {}
+    if len(classes) > 1:
+        # Several classes straight into one label map: memory does not grow with the class count.
+        labelmap = session.segment_semantic_labels(classes, progress=progress)
+        return _write_labelmap(args, image, labelmap, session.catalog, {**provenance, "classes": classes})
     if classes:
         results = session.segment_semantic(classes, progress=progress)
         provenance["classes"] = classes
@@ -138,6 +142,20 @@ def _segment(args: argparse.Namespace) -> int:
     print(f"wrote {written}")
     if args.overlay:
         print(f"wrote {render_overlay(image, labels, args.overlay, title=', '.join(results))}")
+    return 0
+
+
+def _write_labelmap(args: argparse.Namespace, image, labelmap, catalog, provenance: dict) -> int:
+    from .io import render_overlay, write_output
+
+    segments = [{"name": name, "value": value, "color": catalog.entry(name).color, "tags": {"KPrism.Provenance": json.dumps(provenance)}}
+                for value, name in enumerate(labelmap.names, start=1)]
+    written = write_output(labelmap.labels, image.geometry, args.out, segments=segments, source_path=args.image)
+    for value, (name, quality) in enumerate(zip(labelmap.names, labelmap.quality), start=1):
+        print(f"{name}: {int((labelmap.labels == value).sum())} voxels, predicted quality (Dice) {quality:.2f}")
+    print(f"wrote {written}")
+    if args.overlay:
+        print(f"wrote {render_overlay(image, labelmap.labels, args.overlay, title=', '.join(labelmap.names))}")
     return 0
 
 

@@ -47,6 +47,41 @@ class SegmentationResult:
 
 
 @dataclass
+class LabelmapResult:
+    """Several classes in one label map on the source grid: value i+1 is `names[i]`."""
+
+    labels: np.ndarray
+    names: list[str]
+    quality: list[float]  # predicted Dice per class, averaged over slices
+    geometry: Geometry
+
+
+class Cancelled(RuntimeError):
+    """A long run was cancelled through its `cancel` callback; nothing was returned or written."""
+
+
+def clean_labels(labels: np.ndarray, count: int, largest_component: bool, fill_holes: bool) -> np.ndarray:
+    """Per class: keep the largest 3D connected component and/or fill enclosed holes (scipy.ndimage)."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for value in range(1, count + 1):
+        mask = labels == value
+        if not mask.any():
+            continue
+        if largest_component:
+            components, n = ndimage.label(mask)
+            if n > 1:
+                sizes = ndimage.sum_labels(mask, components, range(1, n + 1))
+                mask = components == (1 + int(np.argmax(sizes)))
+        if fill_holes:
+            mask = ndimage.binary_fill_holes(mask)
+        out[(labels == value) & ~mask] = 0
+        out[mask & (out == 0)] = value
+    return out
+
+
+@dataclass
 class Reference:
     """An in-context example: an image and a binary mask of the structure to find."""
 
@@ -227,6 +262,41 @@ class KPrismSession:
         if len(class_names) == 1:
             self._start_target(Prompts(class_ids=torch.tensor(class_ids)), volumes[class_names[0]], qualities[class_names[0]])
         return results
+
+    def segment_semantic_labels(
+        self, class_names: Sequence[str], slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None,
+        cancel: Optional[Callable[[], bool]] = None, largest_component: bool = False, fill_holes: bool = False,
+    ) -> LabelmapResult:
+        """Many classes in one pass, straight into one label map (value i+1 = class i).
+
+        Memory stays bounded whatever the number of classes: no per-class probability volume is
+        kept, only the label map, one batch of decoder outputs and the bounded feature cache. Where
+        classes overlap, the most probable wins. `cancel()` is polled between batches and raises
+        `Cancelled`; nothing is returned then. Optional 3D clean-up per class: keep the largest
+        connected component, fill enclosed holes.
+        """
+        self._require_image()
+        class_names = [class_names] if isinstance(class_names, str) else list(class_names)
+        if not class_names:
+            raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
+        class_ids = [self.catalog.index(name) for name in class_names]
+        labels = np.zeros(self._view.canonical_shape, dtype=np.uint8 if len(class_names) < 255 else np.uint16)
+        quality = np.full((len(class_names), self.num_slices), np.nan, dtype=np.float32)
+        indices = list(range(self.num_slices)) if slices is None else list(slices)
+        for index, logits, slice_quality in self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress):
+            if cancel and cancel():
+                raise Cancelled("Segmentation cancelled; nothing was written.")
+            # One resize for all classes; comparing logits is comparing probabilities (sigmoid is monotonic).
+            grid = upsample_logits(torch.from_numpy(np.ascontiguousarray(logits))[:, None], self._slice_shape())[:, 0]
+            best, winner = grid.max(0)
+            winner = np.where(best.numpy() >= 0, winner.numpy() + 1, 0)
+            self._write_slice(labels, index, winner.astype(labels.dtype))
+            quality[:, index] = slice_quality
+        if largest_component or fill_holes:
+            labels = clean_labels(labels, len(class_names), largest_component, fill_holes)
+        with np.errstate(invalid="ignore"):
+            mean_quality = [float(np.nanmean(q)) if np.isfinite(q).any() else float("nan") for q in quality]
+        return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry)
 
     # ----------------------------------------------------------------------------- in-context
     def segment_in_context(

@@ -218,3 +218,35 @@ def test_propagation_needs_a_volume_and_a_seed(session):
         session.propagate()
     with pytest.raises(ValueError, match="no segmentation"):
         session.propagate(2)
+
+
+# --------------------------------------------------------------------------------------- label maps
+def test_many_classes_go_straight_into_one_label_map(session):
+    volume = np.random.default_rng(12).normal(size=(4, 40, 48)).astype(np.float32)
+    session.set_image(volume, modality="mri")
+    separate = session.segment_semantic(["disk", "square", "ring"])
+    combined = session.segment_semantic_labels(["disk", "square", "ring"])
+    probabilities = np.stack([separate[n].probability for n in combined.names])
+    expected = np.where(probabilities.max(0) >= 0.5, probabilities.argmax(0) + 1, 0)
+    assert combined.labels.shape == volume.shape
+    assert (combined.labels == expected).mean() > 0.999  # equal but for float ties at exactly 0.5
+    assert len(combined.quality) == 3
+
+
+def test_label_map_run_can_be_cancelled(session):
+    from kprism.session import Cancelled
+
+    session.set_image(np.zeros((20, 32, 32), np.float32))
+    with pytest.raises(Cancelled):
+        session.segment_semantic_labels(["disk"], cancel=lambda: True)
+
+
+def test_clean_labels_keeps_the_largest_component_and_fills_holes():
+    from kprism.session import clean_labels
+
+    labels = np.zeros((5, 20, 20), np.uint8)
+    labels[1:4, 2:12, 2:12] = 1
+    labels[2, 6, 6] = 0  # an enclosed hole
+    labels[1:3, 15:18, 15:18] = 1  # a smaller separate piece
+    cleaned = clean_labels(labels, 1, largest_component=True, fill_holes=True)
+    assert cleaned[2, 6, 6] == 1 and cleaned[1:3, 15:18, 15:18].sum() == 0 and cleaned[1:4, 2:12, 2:12].all()
