@@ -152,7 +152,7 @@ def test_help_everywhere(command):
 
 
 def test_propagate_carries_a_clicked_slice_into_its_neighbours(tmp_path):
-    image = oblique_ct(tmp_path / "ct.nii.gz")
+    oblique_ct(tmp_path / "ct.nii.gz")
     (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [24, 20, 6], "positive": True}]}))
     single, spread = tmp_path / "single.nii.gz", tmp_path / "spread.nii.gz"
     assert run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--out", str(single)).returncode == 0
