@@ -23,7 +23,7 @@ def test_every_mode_is_scored_on_every_label(tmp_path, tiny_model):
     timings = Timings()
     items = evaluate_dataset(session, dataset, ("semantic", "incontext", "interactive", "scribble"),
                              max_clicks=3, references=(1, 2), timings=timings)
-    assert {(i.case_id, i.label) for i in items} == {(c.case_id, l) for c in dataset.cases("train") for l in ("disk", "square")}
+    assert {(i.case_id, i.label) for i in items} == {(c.case_id, label) for c in dataset.cases("train") for label in ("disk", "square")}
     disk = next(i for i in items if i.label == "disk")
     assert set(disk.scores) == {"semantic", "incontext_1", "incontext_2", "interactive", "scribble"}
     assert len(disk.scores["interactive"]["curve"]) == 3
