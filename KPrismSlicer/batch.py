@@ -99,7 +99,19 @@ def stem(path: Path) -> str:
 def plan(args: argparse.Namespace) -> tuple[list[tuple[Path, Path]], int]:
     """(input, output) pairs of this shard still to do, and how many were already finished."""
     inputs = find_inputs(args.input)
-    outputs = [Path(args.output) / f"{stem(p)}.{args.format}" for p in inputs]
+    output_dir = Path(args.output).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output {output_dir} is a file; give a folder for the segmentations.")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"Cannot create the output folder {output_dir}: {existing} is a file.")
+    outputs = [output_dir.resolve() / f"{stem(p)}.{args.format}" for p in inputs]
+    # An output that is one of the inputs would be skipped as "finished", or replaced with --overwrite.
+    clashes = sorted(str(o) for o in outputs if o in set(inputs))
+    if clashes:
+        raise ValueError(f"Outputs would overwrite inputs: {clashes[:3]}; choose another --output folder or --format.")
     duplicates = {o.name for o in outputs if outputs.count(o) > 1}
     if duplicates:
         raise ValueError(f"Several inputs would write the same output: {sorted(duplicates)}; rename or split them.")

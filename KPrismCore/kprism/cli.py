@@ -89,6 +89,8 @@ def _segment(args: argparse.Namespace) -> int:
     from .session import Reference
 
     check_output_path(args.out, args.image)  # fail before any work
+    if args.overlay:
+        check_output_path(args.overlay, args.image, suffixes=(".png",))
     prompts = load_prompt_file(args.prompts) if args.prompts else None
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
     if classes and args.reference:
@@ -100,6 +102,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise ValueError("Nothing to segment: give --classes, --reference, --prompts or --init-mask.")
 
     image = read_image(args.image, modality=args.modality)
+    check_output_path(args.out, args.image, ndim=image.ndim)
     session = _session(args)
     for name in classes:
         session.catalog.index(name)  # unknown names fail here, listing the known ones

@@ -112,7 +112,34 @@ def _existing_path(path: PathLike) -> Path:
     return source
 
 
+def _check_not_empty(source: Path) -> None:
+    if source.is_file() and source.stat().st_size == 0:
+        raise ImageReadError(f"Could not read image {source}: the file is empty (0 bytes).")
+
+
+# zlib cannot compress better than about 1032:1, so no single-file image can unpack to more.
+_MAX_EXPANSION = 1100
+
+
+def _check_claimed_size(source: Path, reader: sitk.ImageFileReader) -> None:
+    """Refuse a header that promises far more voxels than its file could hold, before ITK allocates them.
+
+    ITK allocates the whole image before reading: a damaged or hostile header claiming a huge size
+    would otherwise cost that much memory before failing. Detached headers (.nhdr, .mhd) are skipped.
+    """
+    if source.name.lower().endswith((".nhdr", ".mhd")):
+        return
+    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
+    claimed = voxels * reader.GetNumberOfComponents() * sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    if claimed > _MAX_EXPANSION * source.stat().st_size:
+        raise ImageReadError(
+            f"Could not read image {source}: its header claims {'×'.join(map(str, reader.GetSize()))} voxels "
+            f"({claimed / 1e6:.0f} MB), more than its {source.stat().st_size} bytes can hold (truncated or damaged)."
+        )
+
+
 def _read_image_file(source: Path, modality: str | None) -> ImageData:
+    _check_not_empty(source)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(source))
     try:
@@ -123,6 +150,7 @@ def _read_image_file(source: Path, modality: str | None) -> ImageData:
             return ImageData(grey, modality=modality or "unknown")
         raise ImageReadError(f"Could not read image {source}: {_sitk_reason(error)}") from error
     _check_dimension(source, reader.GetDimension(), reader.GetSize())
+    _check_claimed_size(source, reader)
     if source.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(source)
     try:
@@ -260,6 +288,8 @@ def _sitk_reason(error: RuntimeError) -> str:
         for line in str(error).splitlines()
         if line.strip() and not line.startswith("Exception thrown in SimpleITK")
     ]
+    # ITK's MetaImage reader appends errno's text even when the file exists but cannot be parsed.
+    lines = [line for line in lines if not line.endswith("Reason: No such file or directory")] or lines
     if not lines:
         return str(error)
     return lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
@@ -370,6 +400,8 @@ def write_labelmap(
     """
     suffix = _suffix(path, _LABELMAP_SUFFIXES)
     labels = _checked_labels(labels, geometry)
+    if suffix == ".png" and labels.ndim == 3:
+        raise ValueError(f"Cannot write a 3D result to {path}: PNG holds one 2D slice; use .nii.gz, .nrrd or .seg.nrrd.")
     if suffix == ".png":
         labels = _png_labels(labels, geometry)
     target = check_output_path(path, source_path)
@@ -440,8 +472,19 @@ def _png_labels(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
     return labels
 
 
-def check_output_path(path: PathLike, source_path: PathLike | None) -> Path:
-    """Check the output can be written, before any work, and create its folder."""
+def check_output_path(
+    path: PathLike, source_path: PathLike | None, *, suffixes: Sequence[str] | None = None, ndim: int | None = None
+) -> Path:
+    """Check the output can be written, before any work, and create its folder.
+
+    `suffixes` (default: every label map format and .seg.nrrd) are the extensions allowed; with
+    `ndim` = 3 a PNG is refused, since it would keep one slice of the volume.
+    """
+    if Path(path).expanduser().is_dir():
+        raise IsADirectoryError(errno.EISDIR, "The output path is a folder; give a file name", str(path))
+    suffix = _suffix(path, suffixes or (*_LABELMAP_SUFFIXES, _SEGMENTATION_SUFFIX))
+    if ndim == 3 and suffix == ".png":
+        raise ValueError(f"Cannot write a 3D result to {path}: PNG holds one 2D slice; use .nii.gz, .nrrd or .seg.nrrd.")
     target = Path(path).expanduser().resolve()
     if source_path is not None and target == Path(source_path).expanduser().resolve():
         raise ValueError(f"Refusing to overwrite the input {source_path}; choose another output path.")
@@ -472,6 +515,9 @@ def _write_atomically(target: Path, suffix: str, write: Callable[[str], None]) -
     except RuntimeError as error:  # SimpleITK reports write failures (disk full, …) as RuntimeError
         temporary.unlink(missing_ok=True)
         raise OSError(f"Could not write {target}: {_sitk_reason(error)}") from error
+    except OSError as error:  # slicerio and the file system raise these directly
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, f"Could not write {target}: {error.strerror or error}") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -714,5 +760,5 @@ def _save_figure(figure: "Figure", path: PathLike) -> Path:
 
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(figure).print_figure(str(target), dpi=_DPI)
+    _write_atomically(target, ".png", lambda temporary: FigureCanvasAgg(figure).print_figure(temporary, dpi=_DPI))
     return target

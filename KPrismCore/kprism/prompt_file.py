@@ -72,7 +72,10 @@ def apply_prompts(session: KPrismSession, prompts: PromptFile) -> Optional[Segme
     for box in prompts.boxes:
         result = session.add_box(box["min"], box["max"], coordinates=prompts.coordinates)  # type: ignore[arg-type]
     for scribble in prompts.scribbles:
-        mask = read_mask(prompts.folder / scribble["mask"], reference=session.image)
+        path = prompts.folder / scribble["mask"]
+        mask = read_mask(path, reference=session.image)
+        if not mask.array.any():
+            raise ValueError(f"Scribble {path} marks nothing on the image's grid (empty, or outside the image).")
         result = session.add_scribble(mask.array, positive=bool(scribble.get("positive", True)))
     for point in prompts.points:
         result = session.add_click(point["position"], positive=bool(point.get("positive", True)),

@@ -485,6 +485,8 @@ class KPrismSession:
         """A point → (slice index, (row, column) on that slice of the canonical view); outside points are refused."""
         self._require_image()
         index = self.image.geometry.to_index(point, coordinates)  # [i, j(, k)] continuous
+        if not np.isfinite(index).all():
+            raise ValueError(f"The {coordinates.upper()} point {list(point)} has non-finite coordinates.")
         array_index = np.round(index[::-1]).astype(int)
         shape = np.asarray(self.image.spatial_shape)
         if (array_index < 0).any() or (array_index >= shape).any():
