@@ -120,6 +120,17 @@ def plan(args: argparse.Namespace) -> tuple[list[tuple[Path, Path]], int]:
     return todo, len(pairs) - len(todo)
 
 
+def remove_stale_temporaries(output_dir: Path, targets: Sequence[Path]) -> int:
+    """Hidden temporaries of this shard's outputs (".<name>.<hex>.tmp<suffix>") left by a killed run."""
+    if not output_dir.is_dir():
+        return 0
+    names = {t.name for t in targets}
+    stale = [p for p in output_dir.glob(".*.tmp*") if p.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in names]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 # ----------------------------------------------------------------------------------------------- MRML I/O
 
 
@@ -265,6 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as error:
         print(f"kprism batch: error: {error}", file=sys.stderr)
         return 2
+    removed = remove_stale_temporaries(Path(args.output), [target for _, target in todo])
+    if removed:
+        print(f"kprism batch: removed {removed} partial file(s) left by an interrupted run", flush=True)
     print(f"kprism batch: {len(todo)} to segment, {finished} already finished (shard {args.shard})", flush=True)
     if not todo:
         return 0

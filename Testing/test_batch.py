@@ -150,3 +150,15 @@ def test_batch_segments_a_shared_dataset_volume(tmp_path):
     assert same_grid(sitk.ReadImage(str(source)), written)
     labels, _, segments = read_segmentation(written)
     assert [s["name"] for s in segments] == ["liver", "spleen"] and labels.shape == read_image(source).array.shape
+
+
+def test_partial_files_of_a_killed_run_are_removed_on_the_rerun(tmp_path):
+    out = tmp_path / "segs"
+    out.mkdir()
+    target = out / "case.seg.nrrd"
+    partial = out / ".case.seg.nrrd.0123456789ab.tmp.seg.nrrd"
+    partial.write_bytes(b"half a file")
+    unrelated = out / ".other.seg.nrrd.0123456789ab.tmp.seg.nrrd"
+    unrelated.write_bytes(b"another shard's")
+    assert batch.remove_stale_temporaries(out, [target]) == 1
+    assert not partial.exists() and unrelated.exists()
