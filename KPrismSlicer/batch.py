@@ -222,7 +222,7 @@ def _remove(scene: Any, node: Any) -> None:
 
 def load_prompts(path: Path) -> list[tuple]:
     """prompts.json → items resolved per volume by :func:`resolve_prompts` (order: boxes, scribbles, points)."""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     unknown = set(data) - {"coordinates", "points", "boxes", "scribbles"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: coordinates, points, boxes, scribbles.")

@@ -47,7 +47,7 @@ def same_grid(image: sitk.Image, path: Path) -> bool:
 def test_batch_script_end_to_end(tmp_path):
     image = write_blob(tmp_path / "blob.nii.gz")
     centre_ras = (oblique_ijk_to_ras() @ [24, 20, 6, 1])[:3].tolist()
-    (tmp_path / "prompts.json").write_text(json.dumps({"coordinates": "ras", "points": [{"position": centre_ras}]}))
+    (tmp_path / "prompts.json").write_text(json.dumps({"coordinates": "ras", "points": [{"position": centre_ras}]}), encoding="utf-8")
     out = tmp_path / "out"
     result = run_batch("--input", str(tmp_path / "blob.nii.gz"), "--output", str(out), "--mode", "interactive",
                        "--prompts", str(tmp_path / "prompts.json"))
@@ -107,7 +107,7 @@ def test_batch_prompts_give_exactly_the_command_line_result(tmp_path):
     sitk.WriteImage(scribble, str(tmp_path / "stroke.nii.gz"))
     (tmp_path / "prompts.json").write_text(json.dumps({
         "coordinates": "ijk", "boxes": [{"min": [14, 12, 5], "max": [34, 28, 7]}],
-        "scribbles": [{"mask": "stroke.nii.gz", "positive": True}], "points": [{"position": [24, 20, 6]}]}))
+        "scribbles": [{"mask": "stroke.nii.gz", "positive": True}], "points": [{"position": [24, 20, 6]}]}), encoding="utf-8")
     assert batch.main(["--input", str(tmp_path / "blob.nii.gz"), "--output", str(tmp_path / "slicer"), "--mode", "interactive",
                        "--prompts", str(tmp_path / "prompts.json"), "--format", "nii.gz", "--threads", "1"]) == 0
     assert cli(["segment", str(tmp_path / "blob.nii.gz"), "--prompts", str(tmp_path / "prompts.json"),

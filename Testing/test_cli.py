@@ -41,7 +41,7 @@ def test_segment_with_ras_prompts_keeps_geometry_and_hits_the_clicked_voxel(tmp_
     lps = np.array(image.TransformIndexToPhysicalPoint(voxel))
     ras = (lps * [-1, -1, 1]).tolist()
     (tmp_path / "prompts.json").write_text(json.dumps(
-        {"coordinates": "ras", "points": [{"position": ras, "positive": True}]}))
+        {"coordinates": "ras", "points": [{"position": ras, "positive": True}]}), encoding="utf-8")
     out = tmp_path / "out" / "seg.nii.gz"
     result = run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "prompts.json"), "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -100,7 +100,7 @@ def test_unwritable_output_is_reported_before_any_work(tmp_path):
     image = tmp_path / "ct.nii.gz"
     oblique_ct(image)
     blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
+    blocker.write_text("not a folder", encoding="utf-8")
     result = run("segment", str(image), "--classes", "liver", "--out", str(blocker / "seg.nii.gz"))
     assert result.returncode == 1 and "Cannot create the output folder" in result.stderr
 
@@ -117,7 +117,7 @@ def test_unknown_class_lists_the_known_classes(tmp_path):
 def test_bad_prompt_file_names_the_problem(tmp_path):
     image = tmp_path / "ct.nii.gz"
     oblique_ct(image)
-    (tmp_path / "p.json").write_text('{"points": [{"positive": true}]}')
+    (tmp_path / "p.json").write_text('{"points": [{"positive": true}]}', encoding="utf-8")
     result = run("segment", str(image), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.nii.gz"))
     assert result.returncode == 1 and "points[0] needs the keys ['position']" in result.stderr
 
@@ -125,7 +125,7 @@ def test_bad_prompt_file_names_the_problem(tmp_path):
 def test_click_outside_the_volume_is_a_clear_error(tmp_path):
     image = tmp_path / "ct.nii.gz"
     oblique_ct(image)
-    (tmp_path / "p.json").write_text('{"points": [{"position": [500, 5, 5], "positive": true}]}')
+    (tmp_path / "p.json").write_text('{"points": [{"position": [500, 5, 5], "positive": true}]}', encoding="utf-8")
     result = run("segment", str(image), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "x.nii.gz"))
     assert result.returncode == 1 and "outside the image" in result.stderr
 
@@ -153,7 +153,7 @@ def test_help_everywhere(command):
 
 def test_propagate_carries_a_clicked_slice_into_its_neighbours(tmp_path):
     oblique_ct(tmp_path / "ct.nii.gz")
-    (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [24, 20, 6], "positive": True}]}))
+    (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [24, 20, 6], "positive": True}]}), encoding="utf-8")
     single, spread = tmp_path / "single.nii.gz", tmp_path / "spread.nii.gz"
     assert run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--out", str(single)).returncode == 0
     result = run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--propagate", "--out", str(spread))

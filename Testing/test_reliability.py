@@ -209,7 +209,7 @@ limit = (status("VmSize") + 3072) * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 for path in sys.argv[1:]:
     try:
-        open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak resident size
+        open("/proc/self/clear_refs", "w", encoding="utf-8").write("5")  # resets VmHWM, the peak resident size
         measurable = True
     except OSError:
         measurable = False
@@ -443,7 +443,7 @@ def _other_grid_mask(path: Path) -> None:
 def test_scribble_file_on_another_grid_is_resampled_onto_the_image(tmp_path, capsys):
     image = write_ct(tmp_path / "ct.nii.gz")
     _other_grid_mask(tmp_path / "stroke.nrrd")
-    (tmp_path / "prompts.json").write_text(json.dumps({"scribbles": [{"mask": "stroke.nrrd"}]}))
+    (tmp_path / "prompts.json").write_text(json.dumps({"scribbles": [{"mask": "stroke.nrrd"}]}), encoding="utf-8")
     out = tmp_path / "out.nii.gz"
 
     code, _, err = segment(capsys, tmp_path / "ct.nii.gz", "--prompts", tmp_path / "prompts.json", "--out", out)
@@ -512,7 +512,7 @@ def test_scribble_file_outside_the_image_is_named(tmp_path, capsys):
     write_ct(tmp_path / "ct.nii.gz")
     stroke = np.ones((3, 8, 8), np.uint8)
     write_image(tmp_path / "far.nrrd", stroke, origin=(500.0, 500.0, 500.0))
-    (tmp_path / "prompts.json").write_text(json.dumps({"scribbles": [{"mask": "far.nrrd"}]}))
+    (tmp_path / "prompts.json").write_text(json.dumps({"scribbles": [{"mask": "far.nrrd"}]}), encoding="utf-8")
 
     code, _, err = segment(capsys, tmp_path / "ct.nii.gz", "--prompts", tmp_path / "prompts.json", "--out", tmp_path / "o.nii.gz")
 
@@ -529,7 +529,7 @@ def test_scribble_file_outside_the_image_is_named(tmp_path, capsys):
 def test_bad_prompt_files_are_clear_errors(tmp_path, capsys, prompts, message):
     write_ct(tmp_path / "ct.nii.gz")
     (tmp_path / "empty.nii.gz").write_bytes(b"")
-    (tmp_path / "prompts.json").write_text(prompts)
+    (tmp_path / "prompts.json").write_text(prompts, encoding="utf-8")
 
     code, _, err = segment(capsys, tmp_path / "ct.nii.gz", "--prompts", tmp_path / "prompts.json", "--out", tmp_path / "o.nii.gz")
 
@@ -667,11 +667,11 @@ def offline_manifest(tmp_path, monkeypatch):
     import huggingface_hub
     import huggingface_hub.constants
 
-    entries = json.loads(weights.MANIFEST_PATH.read_text())
+    entries = json.loads(weights.MANIFEST_PATH.read_text(encoding="utf-8"))
     entries.append({**entries[0], "name": "kprism-base", "repo_id": "kprism/kprism-base",
                     "filename": "kprism-base.safetensors", "sha256": "", "bundled": False})
     manifest = tmp_path / "models.json"
-    manifest.write_text(json.dumps(entries))
+    manifest.write_text(json.dumps(entries), encoding="utf-8")
     monkeypatch.setattr(weights, "MANIFEST_PATH", manifest)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -747,7 +747,7 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypa
     monkeypatch.setattr(cli, "_session", _no_model)
     source = tmp_path / "ct.nii.gz"
     write_ct(source)
-    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_file").write_text("not a folder", encoding="utf-8")
     (tmp_path / "a_folder").mkdir()
     extra = []
     if case == "parent_is_a_file":
@@ -891,7 +891,7 @@ def test_an_existing_output_stays_intact_when_a_later_run_fails(tmp_path, capsys
     elif failure == "unknown_class":
         arguments[2] = "livr"
     elif failure == "bad_prompts":
-        (tmp_path / "p.json").write_text('{"points": [{"position": [999, 0, 0]}]}')
+        (tmp_path / "p.json").write_text('{"points": [{"position": [999, 0, 0]}]}', encoding="utf-8")
         arguments = [source, "--prompts", tmp_path / "p.json", "--out", out]
     else:
         (tmp_path / "noise.safetensors").write_bytes(b"\0" * 64)
@@ -960,13 +960,13 @@ def test_batch_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys
     monkeypatch.setattr(KPrismLogic, "segment", _no_model)
     (tmp_path / "cases").mkdir()
     write_ct(tmp_path / "cases" / "a.nrrd")
-    (tmp_path / "segs").write_text("a file, not a folder")
+    (tmp_path / "segs").write_text("a file, not a folder", encoding="utf-8")
 
     code, _, err = run_batch(capsys, "--input", tmp_path / "cases", "--output", tmp_path / "segs", "--mode", "semantic",
                              "--classes", "liver")
 
     assert code == 2 and "segs" in err and "WorkStarted" not in err and "Errno" not in err
-    assert (tmp_path / "segs").read_text() == "a file, not a folder"
+    assert (tmp_path / "segs").read_text(encoding="utf-8") == "a file, not a folder"
 
 
 def test_killed_batch_leaves_only_complete_outputs_and_a_rerun_finishes_the_rest(tmp_path):
@@ -984,7 +984,7 @@ def test_killed_batch_leaves_only_complete_outputs_and_a_rerun_finishes_the_rest
             return []
         return sorted(p for p in out.iterdir() if p.name.endswith(".seg.nrrd") and not p.name.startswith("."))
 
-    with open(tmp_path / "first.log", "w") as log:
+    with open(tmp_path / "first.log", "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV)
         deadline = time.monotonic() + 180
         try:
@@ -993,7 +993,7 @@ def test_killed_batch_leaves_only_complete_outputs_and_a_rerun_finishes_the_rest
             process.send_signal(signal.SIGKILL)
         finally:
             process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text(encoding="utf-8")[-3000:]
 
     finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs()}
     assert 1 <= len(finished) < 4

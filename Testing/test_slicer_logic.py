@@ -430,15 +430,15 @@ def test_module_files_agree_with_each_other():
     ui = ElementTree.parse(SLICER_MODULE_DIR / "Resources" / "UI" / "KPrismSlicer.ui")
     widgets = {w.get("name") for w in ui.iter("widget")}
     bound = {p.findtext("string") for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
-    tree = ast.parse((SLICER_MODULE_DIR / "KPrismSlicerLib" / "parameters.py").read_text())
+    tree = ast.parse((SLICER_MODULE_DIR / "KPrismSlicerLib" / "parameters.py").read_text(encoding="utf-8"))
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "KPrismSlicerParameterNode")
     fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
     assert bound <= fields, f"widgets bound to unknown parameters: {bound - fields}"
-    module = (SLICER_MODULE_DIR / "KPrismSlicer.py").read_text()
+    module = (SLICER_MODULE_DIR / "KPrismSlicer.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", module))
     assert used <= widgets, f"KPrismSlicer.py uses widgets missing from the .ui: {used - widgets}"
     assert len(module.splitlines()) <= 300
-    cmake = (SLICER_MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "KPrismSlicer")
+    cmake = (SLICER_MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "KPrismSlicer")
     shipped = {str(p.relative_to(SLICER_MODULE_DIR)) for p in SLICER_MODULE_DIR.rglob("*")
                if p.is_file() and p.suffix in (".py", ".ui", ".png", ".txt") and p.name != "CMakeLists.txt" and "__pycache__" not in p.parts}
     assert {f for f in shipped if f not in cmake} == set()
@@ -448,7 +448,7 @@ def test_module_files_agree_with_each_other():
 
     listed = {Requirement(line).name.lower() for line in install.requirements()}
     assert not listed & {"torch", "numpy", "simpleitk"} and install.missing() == []  # Slicer's own are never replaced
-    entry = json.loads((SLICER_MODULE_DIR.parent / "KPrismSlicer.json").read_text())
+    entry = json.loads((SLICER_MODULE_DIR.parent / "KPrismSlicer.json").read_text(encoding="utf-8"))
     assert {"$schema", "category", "scm_url"} <= set(entry) and "schema-v1.0.2" in entry["$schema"]
     assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                           "dicom_support_rule", "build_subdirectory", "enabled", "tier"}

@@ -129,7 +129,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     rows = [
         ("click, cached embedding, p50", checks["click_p50"], TARGETS["click_p50"]),
         ("click, cached embedding, p95", checks["click_p95"], TARGETS["click_p95"]),
@@ -165,7 +165,7 @@ def main() -> None:
         lines += ["", f"Semantic segmentation of a {'×'.join(map(str, v['shape'][::-1]))} CT-sized volume ({len(v['classes'])} class): "
                   f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB (whole process)."]
     lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py --peers --volume`"]
-    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    (out / "latency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

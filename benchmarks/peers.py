@@ -118,7 +118,7 @@ def cached_peers(dataset, cases, litemedsam, args, cache: Path) -> dict:
     """
     path = cache / f"peers_{dataset.name}_{args.clicks}clicks_{len(cases)}cases.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     growcut_ms, medsam_ms, registration_ms = [], [], []
     gc_curves = growcut_curves(dataset, cases, args.clicks, growcut_ms)
     peers = {
@@ -128,7 +128,7 @@ def cached_peers(dataset, cases, litemedsam, args, cache: Path) -> dict:
         "registration": {"dice": mean(registration_dice(dataset, cases, ReferencePicker(dataset, dataset.cases("train")), registration_ms)),
                          "call_ms": percentiles(registration_ms)},
     }
-    path.write_text(json.dumps(peers, indent=1))
+    path.write_text(json.dumps(peers, indent=1), encoding="utf-8")
     print(json.dumps({k: {a: b for a, b in v.items() if a != "curve"} for k, v in peers.items()}), flush=True)
     return peers
 
@@ -183,10 +183,10 @@ def main() -> None:
     if args.peers_only:
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "peers.md").write_text(markdown(results))
+    (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (args.out / "peers.md").write_text(markdown(results), encoding="utf-8")
     plot(results, args.out / "peers_dice_vs_clicks.png")
-    print((args.out / "peers.md").read_text())
+    print((args.out / "peers.md").read_text(encoding="utf-8"))
 
 
 def _at(curve: list[float], clicks: int) -> float | None:

@@ -78,7 +78,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "volumes.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "volumes.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     lines = ["# From one clicked slice to 3D", "",
              f"{CLICKS} K-Prism-rule clicks on each structure's largest axial slice, then volumetric Dice of: that slice alone, "
              "our propagation from it, and Slicer's GrowCut in 3D with the same click positions. Reproduce: "
@@ -91,7 +91,7 @@ def main() -> None:
     if rows:
         lines.append(f"| mean | | | | {np.mean([r['slice_dice'] for r in rows]):.3f} | {np.mean([r['single_slice'] for r in rows]):.3f} | "
                      f"{np.mean([r['propagated'] for r in rows]):.3f} | {np.mean([r['growcut'] for r in rows]):.3f} | | |")
-    (args.out / "volumes.md").write_text("\n".join(lines) + "\n")
+    (args.out / "volumes.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -245,7 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{dataset.name}: " + json.dumps({m: round(v["dice_mean"], 4) for m, v in summary.items()}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     if args.report and args.protocol != "cvpr25":
         from .evaluate.report import write_report

@@ -57,7 +57,7 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
     # 4. Interactive: clicks on one CT slice, each placed on the largest remaining error.
     ct = read_image(sample_path("ct", "ts_ct_001crop.nii.gz"), modality="ct")
     labels = read_mask(sample_path("ct", "ts_ct_001crop_labels.nii.gz"), reference=ct).array
-    value = json.loads(sample_path("ct", "labels.json").read_text())[CT_CLASS]
+    value = json.loads(sample_path("ct", "labels.json").read_text(encoding="utf-8"))[CT_CLASS]
     organ = labels == value
     k = int(np.argmax(organ.sum(axis=(1, 2))))  # the axial slice (array axis 0) with the most liver
     session.set_image(ct)

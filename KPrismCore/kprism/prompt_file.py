@@ -36,7 +36,7 @@ class PromptFile:
 def load_prompt_file(path: str | Path) -> PromptFile:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"Prompt file {path} does not exist.") from None
     except json.JSONDecodeError as error:

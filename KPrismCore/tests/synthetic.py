@@ -29,5 +29,5 @@ def make_shapes_dataset(root: Path, cases: int = 12, size: int = 64, seed: int =
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "synthetic"}, "labels": {"background": 0, "disk": 1, "square": 2},
         "numTraining": cases, "file_ending": ".png", "modality": "synthetic", "tensor_image_size": "2D",
-    }))
+    }), encoding="utf-8")
     return root

@@ -21,7 +21,7 @@ def test_torchrun_with_two_cpu_processes_trains_one_model(tmp_path):
         "datasets": [str(dataset)], "output": "model.safetensors", "run_dir": "run", "steps": 3, "batch_size": 2,
         "warmup_steps": 1, "checkpoint_every": 3, "log_every": 1, "val_every": 0, "threads": 1,
         "model_overrides": {"image_size": 64},
-    }))
+    }), encoding="utf-8")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -60,10 +60,10 @@ def test_eval_command_writes_json_and_report(tmp_path):
     code = main(["eval", "--dataset", str(root), "--clicks", "2", "--json", str(tmp_path / "r.json"),
                  "--report", str(tmp_path / "report"), "--threads", "1"])
     assert code == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     modes = report["datasets"]["Dataset900_Shapes"]["modes"]
     assert {"incontext_1", "interactive", "scribble"} <= set(modes)  # 'disk' is not a class of the bundled model
-    assert (tmp_path / "report" / "dice_vs_clicks.png").exists() and "| Dataset900_Shapes |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "dice_vs_clicks.png").exists() and "| Dataset900_Shapes |" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------ metrics on hand-computed cases

@@ -305,7 +305,7 @@ def test_refuses_to_overwrite_the_input(tmp_path):
 
 
 def test_output_folder_under_a_file_fails_before_writing(tmp_path):
-    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
 
     with pytest.raises(NotADirectoryError, match="a_file"):
         io.write_labelmap(np.zeros((2, 2, 2), np.uint8), OBLIQUE, tmp_path / "a_file" / "out" / "labels.nii.gz")

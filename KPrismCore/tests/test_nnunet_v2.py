@@ -22,11 +22,11 @@ def _write(path: Path, array: np.ndarray, spacing=None, rgb=False) -> None:
 
 def _write_json(root: Path, description) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps(description))
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
 
 
 def _edit_json(root: Path, **changes) -> None:
-    description = json.loads((root / "dataset.json").read_text())
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     description.update(changes)
     for key in [key for key, value in changes.items() if value is None]:
         del description[key]
@@ -161,7 +161,7 @@ def test_missing_dataset_json(tmp_path):
 def test_unreadable_dataset_json(tmp_path, text, fragment):
     root = tmp_path / "Dataset009_Broken"
     root.mkdir()
-    (root / "dataset.json").write_text(text)
+    (root / "dataset.json").write_text(text, encoding="utf-8")
     _raises(root, fragment)
 
 
@@ -282,7 +282,7 @@ def test_every_shared_dataset_loads():
     assert roots, f"no dataset folders in {SHARED_DATASETS}"
     for root in roots:
         ds = load_dataset(root)
-        description = json.loads((root / "dataset.json").read_text())
+        description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
         assert ds.dim == int(description["tensor_image_size"][0]), root.name
         assert ds.modality == description["modality"].lower(), root.name
         assert len(ds.cases("train")) == description["numTraining"], root.name

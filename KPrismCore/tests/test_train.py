@@ -82,7 +82,7 @@ def test_every_mode_and_first_prompt_trains(dataset, tmp_path):
 def test_config_files_resolve_paths_relative_to_themselves(tmp_path, dataset):
     (tmp_path / "cfg").mkdir()
     path = tmp_path / "cfg" / "train.yaml"
-    path.write_text(f"datasets: [{dataset}]\noutput: out/model.safetensors\nrun_dir: run\nsteps: 5\n")
+    path.write_text(f"datasets: [{dataset}]\noutput: out/model.safetensors\nrun_dir: run\nsteps: 5\n", encoding="utf-8")
     cfg = load_config(path)
     assert cfg.output == str(tmp_path / "cfg" / "out" / "model.safetensors")
     assert cfg.run_dir == str(tmp_path / "cfg" / "run")
@@ -90,7 +90,7 @@ def test_config_files_resolve_paths_relative_to_themselves(tmp_path, dataset):
 
 def test_config_without_datasets_names_the_missing_field(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('{"steps": 5}')
+    path.write_text('{"steps": 5}', encoding="utf-8")
     with pytest.raises(ValueError, match="datasets"):
         load_config(path)
 
@@ -111,12 +111,12 @@ def test_validation_writes_dice_per_dataset_and_mode(tmp_path):
         (root / "labelsTr" / f"{case}.png").rename(root / "labelsTs" / f"{case}.png")
     import json
 
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["numTraining"] = 6
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     trainer = Trainer(config(root, tmp_path, steps=2, val_every=2, val_per_dataset=2), show_progress=False)
     trainer.fit()
-    rows = (tmp_path / "run" / "val.csv").read_text().splitlines()
+    rows = (tmp_path / "run" / "val.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "step,dataset,mode,dice"
     modes = {r.split(",")[2] for r in rows[1:]}
     assert modes == {"semantic", "in_context", "click"}
@@ -132,7 +132,7 @@ def test_learning_curve_figure_is_drawn_from_the_logs(dataset, tmp_path):
     from kprism.train.curves import plot_learning_curve
 
     Trainer(config(dataset, tmp_path, steps=4), show_progress=False).fit()
-    (tmp_path / "run" / "val.csv").write_text("step,dataset,mode,dice\n2,d,semantic,0.5\n4,d,semantic,0.7\n")
+    (tmp_path / "run" / "val.csv").write_text("step,dataset,mode,dice\n2,d,semantic,0.5\n4,d,semantic,0.7\n", encoding="utf-8")
     figure = plot_learning_curve(tmp_path / "run", tmp_path / "curve.png")
     assert figure.stat().st_size > 20_000
 
@@ -146,6 +146,6 @@ def test_model_card_carries_hash_steps_classes_and_the_evaluation(dataset, tmp_p
                 "--json", str(tmp_path / "eval.json"), "--threads", "1"]) == 0
     import json
 
-    card = model_card(weights, json.loads((tmp_path / "eval.json").read_text()), "configs/x.yaml", None, "Notes here.")
+    card = model_card(weights, json.loads((tmp_path / "eval.json").read_text(encoding="utf-8")), "configs/x.yaml", None, "Notes here.")
     assert load_model(weights)[2].sha256 in card
     assert "disk, square" in card and "| Dataset900_Shapes |" in card and "Notes here." in card

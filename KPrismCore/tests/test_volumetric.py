@@ -23,7 +23,7 @@ def make_volume_dataset(root):
         itk.SetSpacing((1.0, 1.0, 2.5))
         sitk.WriteImage(itk, str(root / folder / name))
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "blob": 1},
-                                                   "numTraining": 1, "file_ending": ".nii.gz"}))
+                                                   "numTraining": 1, "file_ending": ".nii.gz"}), encoding="utf-8")
     return root
 
 
@@ -42,7 +42,7 @@ def test_cvpr25_protocol_on_the_command_line(tmp_path):
 
     root = make_volume_dataset(tmp_path / "Dataset950_Blob")
     assert main(["eval", "--dataset", str(root), "--protocol", "cvpr25", "--json", str(tmp_path / "r.json"), "--threads", "1"]) == 0
-    mode = json.loads((tmp_path / "r.json").read_text())["datasets"]["Dataset950_Blob"]["modes"]["interactive_3d"]
+    mode = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["datasets"]["Dataset950_Blob"]["modes"]["interactive_3d"]
     assert mode["targets"] == 1 and set(mode["dice_at_interactions"]) == {"0", "1", "2", "3", "4", "5"}
 
 

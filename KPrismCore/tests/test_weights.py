@@ -100,7 +100,7 @@ def manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "BUNDLED_DIR", bundled)
 
     def write(**changes) -> Path:
-        path.write_text(json.dumps([_manifest_entry(**changes)]))
+        path.write_text(json.dumps([_manifest_entry(**changes)]), encoding="utf-8")
         return bundled
 
     write()
@@ -115,7 +115,7 @@ def _build_hub_cache(cache: Path, repo_id: str, filename: str, source: Path) -> 
     blob.parent.mkdir(parents=True)
     shutil.copyfile(source, blob)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)  # read back verbatim: a trailing newline would break it
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")  # read back verbatim: a trailing newline would break it
     snapshot = repo / "snapshots" / commit / filename
     snapshot.parent.mkdir(parents=True)
     snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
@@ -261,7 +261,7 @@ def test_update_manifest_entry_rewrites_in_field_order(manifest):
     assert updated.sha256 == "ab" * 32 and updated.classes == ("liver", "spleen")
     assert weights.get_model_info("kprism-tiny") == updated
 
-    text = weights.MANIFEST_PATH.read_text()
+    text = weights.MANIFEST_PATH.read_text(encoding="utf-8")
     assert text.endswith("\n") and text.startswith('[\n  {\n    "name"')
     assert list(json.loads(text)[0]) == [f.name for f in fields(ModelInfo)]
     with pytest.raises(WeightsError, match="Cannot set"):

@@ -26,7 +26,7 @@ REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requ
 
 def requirements() -> list[str]:
     """The third-party requirements of Resources/requirements.txt (comments and options skipped)."""
-    lines = [line.split("#")[0].strip() for line in REQUIREMENTS_FILE.read_text().splitlines()]
+    lines = [line.split("#")[0].strip() for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()]
     return [line for line in lines if line and not line.startswith("-")]
 
 

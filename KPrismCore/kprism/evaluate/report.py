@@ -89,5 +89,5 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
     text = (f"# Evaluation of {report['model']} ({report['protocol']} click rule, {report.get('clicks')} clicks)\n\n"
             f"{markdown_table(report)}\n\n![Dice against clicks]({curves.name})\n\n![Dice by dataset and mode]({bars.name})\n")
     target = folder / "report.md"
-    target.write_text(text)
+    target.write_text(text, encoding="utf-8")
     return target

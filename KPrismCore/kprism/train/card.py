@@ -81,8 +81,8 @@ def main() -> None:
     parser.add_argument("--notes", type=Path, help="markdown with observations and limitations")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    notes = args.notes.read_text() if args.notes else ""
-    args.out.write_text(model_card(args.weights, json.loads(args.eval.read_text()), args.config, args.curve, notes))
+    notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
+    args.out.write_text(model_card(args.weights, json.loads(args.eval.read_text(encoding="utf-8")), args.config, args.curve, notes))
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,7 @@ def plot_learning_curve(run_dir: str | Path, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    with open(run_dir / "log.csv", newline="") as handle:
+    with open(run_dir / "log.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     figure = Figure(figsize=(11, 4), dpi=110, layout="constrained")
     loss_axes, dice_axes = figure.subplots(1, 2)
@@ -28,7 +28,7 @@ def plot_learning_curve(run_dir: str | Path, path: str | Path) -> Path:
     validation = run_dir / "val.csv"
     if validation.exists():
         curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        with open(validation, newline="") as handle:
+        with open(validation, newline="", encoding="utf-8") as handle:
             for r in csv.DictReader(handle):
                 curves[r["mode"]][int(r["step"])].append(float(r["dice"]))
         for mode, by_step in sorted(curves.items()):

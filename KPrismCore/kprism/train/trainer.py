@@ -82,7 +82,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     path = Path(path)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -236,7 +236,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.show_progress, desc="train", unit="step")
         started, start_step = time.time(), self.step
-        with open(log_path, "a", newline="") as log:
+        with open(log_path, "a", newline="", encoding="utf-8") as log:
             writer = csv.writer(log)
             if not resumed and self.rank == 0:
                 writer.writerow(["step", "mode", "loss", "mask", "deep", "balance", "quality", "lr", "elapsed_s"])
@@ -272,7 +272,7 @@ class Trainer:
         scores = validate(self.model, self.val_items, self.val_bank, self.bank, self.catalog)
         path = self.run_dir / "val.csv"
         new = not path.exists()
-        with open(path, "a", newline="") as handle:
+        with open(path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(["step", "dataset", "mode", "dice"])
