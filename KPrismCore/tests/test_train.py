@@ -149,3 +149,25 @@ def test_model_card_carries_hash_steps_classes_and_the_evaluation(dataset, tmp_p
     card = model_card(weights, json.loads((tmp_path / "eval.json").read_text(encoding="utf-8")), "configs/x.yaml", None, "Notes here.")
     assert load_model(weights)[2].sha256 in card
     assert "disk, square" in card and "| Dataset900_Shapes |" in card and "Notes here." in card
+
+
+def test_soft_targets_keep_a_one_pixel_line_that_nearest_resizing_breaks(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from kprism.data.slices import build_slice_bank
+
+    root = tmp_path / "Dataset902_Line"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    labels = np.zeros((101, 101), np.uint8)
+    labels[:, 50] = 1  # a one-pixel vertical vessel
+    Image.fromarray((labels * 200 + 20).astype(np.uint8)).save(root / "imagesTr" / "c_0000.png")
+    Image.fromarray(labels).save(root / "labelsTr" / "c.png")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "x"}, "labels": {"background": 0, "vessel": 1},
+                                                   "numTraining": 1, "file_ending": ".png"}), encoding="utf-8")
+    hard = build_slice_bank([root], 64).mask(0, 1)
+    soft = build_slice_bank([root], 64, label_scale=2).mask(0, 1)
+    assert hard.sum() == 0  # nearest resizing from 101 to 64 columns never samples column 50
+    assert soft.max() < 1 and (soft > 0).any(dim=1).all()  # every row keeps part of the line, as coverage

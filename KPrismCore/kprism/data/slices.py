@@ -34,6 +34,7 @@ class SliceRecord:
 @dataclass
 class SliceBank:
     size: int
+    label_scale: int = 1  # labels are kept at size × label_scale; masks are area-averaged down to size
     images: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) float16
     labels: list[torch.Tensor] = field(default_factory=list)  # (S, S) uint8, dataset label values
     records: list[SliceRecord] = field(default_factory=list)
@@ -50,7 +51,9 @@ class SliceBank:
         return sorted({self.records[i].dataset for i, _ in self.by_class[class_name]})
 
     def mask(self, slice_id: int, value: int) -> torch.Tensor:
-        return (self.labels[slice_id] == value).float()
+        """(S, S) target in [0, 1]; with label_scale > 1 a soft coverage, so one-pixel vessels survive."""
+        mask = (self.labels[slice_id] == value).float()
+        return F.avg_pool2d(mask[None, None], self.label_scale)[0, 0] if self.label_scale > 1 else mask
 
     def add(self, image: torch.Tensor, labels: torch.Tensor, record: SliceRecord, names: dict[int, str]) -> None:
         slice_id = len(self.images)
@@ -76,9 +79,13 @@ def build_slice_bank(
     axis: int = 0,
     progress: Optional[Callable[[str], None]] = None,
     rng: Optional[np.random.Generator] = None,
+    label_scale: int = 1,
 ) -> SliceBank:
-    """Load every case of the given nnU-Net / MSD datasets into a `SliceBank`."""
-    bank = SliceBank(size)
+    """Load every case of the given nnU-Net / MSD datasets into a `SliceBank`.
+
+    `label_scale` = 2 keeps labels at twice the model resolution, for soft training targets.
+    """
+    bank = SliceBank(size, label_scale)
     rng = rng or np.random.default_rng(0)
     for root in roots:
         dataset = load_dataset(root)
@@ -101,6 +108,6 @@ def build_slice_bank(
                 slices = [(i, np.take(array, i, axis=axis), np.take(labels, i, axis=axis)) for i in sorted(keep)]
             for index, img, lab in slices:
                 tensor = resize_image(normalize_slice(img, image.modality, image.is_rgb, value_range), size)
-                bank.add(tensor, _resize_labels(lab, size),
+                bank.add(tensor, _resize_labels(lab, size * label_scale),
                          SliceRecord(dataset.name, case.case_id, index, 1 if image.ndim == 2 else array.shape[axis]), names)
     return bank

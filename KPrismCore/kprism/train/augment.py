@@ -25,7 +25,8 @@ def build_augmentation(size: int, seed: int) -> Compose:
     transform = Compose([
         RandAffined(
             keys=("image", "mask"), prob=0.5, rotate_range=math.radians(15), scale_range=0.15,
-            translate_range=0.05 * size, mode=("bilinear", "nearest"), padding_mode="border",
+            # Masks are soft coverages: interpolated like images, not snapped to the nearest pixel.
+            translate_range=0.05 * size, mode=("bilinear", "bilinear"), padding_mode="border",
         ),
         RandScaleIntensityd(keys="image", prob=0.3, factors=0.15),
         RandShiftIntensityd(keys="image", prob=0.3, offsets=0.2),

@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int = 2
     device: str = "auto"
     reference_gradients: bool = False
+    soft_targets: bool = True  # area-averaged targets from labels at 2× resolution: thin structures survive
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "deep": 0.4, "balance": 0.01, "quality": 0.5})
     task: TaskConfig = field(default_factory=TaskConfig)
 
@@ -108,7 +109,7 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         self.run_dir = Path(config.run_dir)
         model_config = preset(config.preset, **config.model_overrides)
-        self.bank = bank or build_slice_bank(config.datasets, model_config.image_size)
+        self.bank = bank or build_slice_bank(config.datasets, model_config.image_size, label_scale=2 if config.soft_targets else 1)
         self.catalog = ClassCatalog.from_names(config.classes or self.bank.class_names)
         model_config = preset(config.preset, **{**config.model_overrides, "num_classes": len(self.catalog)})
         self.device = resolve_device(config.device)
@@ -126,7 +127,7 @@ class Trainer:
         self.show_progress = show_progress and self.rank == 0
         self.val_bank, self.val_items = None, []
         if config.val_every and self.rank == 0:
-            self.val_bank = build_slice_bank(config.datasets, model_config.image_size, split="test")
+            self.val_bank = build_slice_bank(config.datasets, model_config.image_size, split="test", label_scale=self.bank.label_scale)
             self.val_items = validation_items(self.val_bank, self.bank, self.catalog, config.val_per_dataset, config.seed)
 
     # -------------------------------------------------------------------------------- state
