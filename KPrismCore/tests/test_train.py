@@ -171,3 +171,22 @@ def test_soft_targets_keep_a_one_pixel_line_that_nearest_resizing_breaks(tmp_pat
     soft = build_slice_bank([root], 64, label_scale=2).mask(0, 1)
     assert hard.sum() == 0  # nearest resizing from 101 to 64 columns never samples column 50
     assert soft.max() < 1 and (soft > 0).any(dim=1).all()  # every row keeps part of the line, as coverage
+
+
+def test_validation_handles_soft_targets_with_no_pixel_above_half(tmp_path):
+    """A thin structure's soft target can stay below 0.5 everywhere; validation still places its click."""
+    from kprism.catalog import ClassCatalog
+    from kprism.data.slices import SliceBank
+    from kprism.model import build_model, preset
+    from kprism.train.validate import ValidationItem, validate
+
+    bank = SliceBank(32, label_scale=2)
+    labels = torch.zeros(64, 64, dtype=torch.uint8)
+    labels[:, 31] = 1  # one column at twice the resolution: coverage 0.5 at most, mostly less after pooling
+    from kprism.data.slices import SliceRecord
+
+    bank.add(torch.zeros(3, 32, 32), labels, SliceRecord("d", "c", 0, 1), {1: "vessel"})
+    catalog = ClassCatalog.from_names(["vessel"])
+    model = build_model(preset("tiny", image_size=32, num_classes=1))
+    scores = validate(model, [ValidationItem("d", "vessel", 0, 1, 0)], bank, bank, catalog)
+    assert set(scores) == {("d", "semantic"), ("d", "in_context"), ("d", "click")}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..catalog import ClassCatalog
-from ..data.interaction import dice, first_click
+from ..data.interaction import Click, dice, first_click
 from ..data.slices import SliceBank
 from ..model import KPrismModel, Prompts, upsample_logits
 
@@ -60,7 +60,8 @@ def validate(model: KPrismModel, items: list[ValidationItem], val_bank: SliceBan
         features = model.encode(val_bank.images[item.slice_id].float()[None].to(device))
         reference = model.encode(train_bank.images[item.reference_id].float()[None].to(device)).embedding
         ref_value = dict((i, v) for i, v in train_bank.by_class[item.class_name])[item.reference_id]
-        click = first_click(truth.numpy() > 0.5)
+        # Soft targets of thin structures may nowhere exceed 0.5: click the best-covered pixel then.
+        click = first_click(truth.numpy() > 0.5) or Click(tuple(int(v) for v in np.unravel_index(int(truth.argmax()), truth.shape)), True)
         prompts = {
             "semantic": Prompts(class_ids=torch.tensor([catalog.index(item.class_name)])),
             "in_context": Prompts(ref_features=reference[:, None], ref_masks=train_bank.mask(item.reference_id, ref_value)[None, None, None]),
