@@ -397,7 +397,7 @@ class KPrismSession:
         return self.result()
 
     def propagate(
-        self, start: Optional[int] = None, *, min_quality: float = 0.3, min_area_ratio: float = 0.2,
+        self, start: Optional[int] = None, *, min_quality: float = 0.15, min_area_ratio: float = 0.2,
         stop_when_unchanged: Optional[float] = 0.97, progress: Optional[Progress] = None,
     ) -> SegmentationResult:
         """Carry the target's mask on slice `start` through the neighbouring slices, both ways.
