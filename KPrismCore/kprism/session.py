@@ -172,6 +172,15 @@ class KPrismSession:
         self._require_image()
         return 1 if self.image.ndim == 2 else self._canonical.shape[self.axis]
 
+    @property
+    def last_slice(self) -> Optional[int]:
+        """The slice of the last click, scribble or box (where `propagate()` starts by default)."""
+        return self._last_slice
+
+    def is_encoded(self, index: int) -> bool:
+        """Whether slice `index` is in the feature cache (its next prompt costs only the decoder)."""
+        return index in self._cache
+
     def canonical_slice(self, index: int) -> np.ndarray:
         """Slice `index` of the image as the model sees it (canonical LPS view, before normalisation)."""
         if self.image.ndim == 2:

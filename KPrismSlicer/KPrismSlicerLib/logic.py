@@ -406,7 +406,7 @@ class InteractiveSession:
         """
         nodes.check_editable(self.segmentation_node, self.segment_id)
         session = self.session
-        start = session.locate(start_ras, "ras")[0] if start_ras is not None else session._last_slice
+        start = session.locate(start_ras, "ras")[0] if start_ras is not None else session.last_slice
         result = session.propagate(start, **options)
         self.prompts.append({"type": "propagate", "from_slice": start, **options})
         self._write(result)

@@ -140,7 +140,7 @@ def evaluate_dataset(
                 continue
             for index in slices:
                 start = time.perf_counter()
-                if index not in session._cache:
+                if not session.is_encoded(index):
                     session.features([index])
                     timings.encode_ms.append((time.perf_counter() - start) * 1000)
             case_items = [Item(case.case_id, name, s, _in_plane_spacing(session)) for s in slices]
