@@ -1,14 +1,14 @@
 """Our model and its peers on the same 2D test cases with the same prompts, in one run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/peers.py --datasets ../shared/datasets --out benchmarks/results \
-        [--clicks 20] [--unet-seconds 600] [--max-cases N] [--model FILE]
+        [--clicks 20] [--unet-steps 700 | --unet-seconds 600] [--unet-only] [--max-cases N] [--model FILE]
 
 Per dataset (the 2D sets with an imagesTs split) and per label:
 - interactive: our session and Slicer's GrowCut, each clicked by the K-Prism rule on its own errors;
 - box: LiteMedSAM with the tight ground-truth box (our model's 5-click Dice is the comparison);
 - in-context: our model and SimpleITK registration label transfer from the same reference case;
 - semantic: our model and a MONAI UNet specialist trained on the dataset's training split for
-  `--unet-seconds` (0 = skip; PEERS.md then gives the reference numbers).
+  `--unet-steps` (or `--unet-seconds`; 0 = skip, PEERS.md then gives the reference numbers).
 Writes peers.json, peers.md and peers_dice_vs_clicks.png.
 """
 
@@ -89,16 +89,18 @@ def registration_dice(dataset, cases, picker: ReferencePicker, timings: list[flo
     return scores
 
 
-def unet_dice(dataset, cases, seconds: float, cache: Path) -> list[float]:
+def unet_dice(dataset, cases, seconds: float, steps: int | None, cache: Path) -> list[float]:
+    """Trains (or reads back) the dataset's UNet specialist under a time or step budget; Dice per target."""
     from kprism.evaluate.peers.unet_specialist import load_specialist, predict_specialist, save_specialist, train_specialist
 
-    path = cache / f"unet_{dataset.name}_{int(seconds)}s.safetensors"
+    path = cache / (f"unet_{dataset.name}_{steps}steps.safetensors" if steps else f"unet_{dataset.name}_{int(seconds)}s.safetensors")
     if path.exists():
         model = load_specialist(path)
     else:
         pairs = [dataset.load(c) for c in dataset.cases("train")]
         value = next(iter(dataset.labels.values()))
-        model = train_specialist([p[0].array for p in pairs], [p[1] == value for p in pairs], seconds=seconds,
+        model = train_specialist([p[0].array for p in pairs], [p[1] == value for p in pairs],
+                                 seconds=float("inf") if steps else seconds, max_steps=steps,
                                  modality=dataset.modality, is_rgb=dataset.is_rgb)
         save_specialist(model, path)
     scores = []
@@ -143,6 +145,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), type=Path)
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--unet-seconds", type=float, default=0)
+    parser.add_argument("--unet-steps", type=int, default=0,
+                        help="step budget instead of seconds (reproducible on a busy machine; PEERS.md's 10 minutes "
+                             "on one thread ≈ 700 steps at batch 8)")
+    parser.add_argument("--unet-only", action="store_true", help="only train, cache and score the UNet specialists")
     parser.add_argument("--max-cases", type=int)
     parser.add_argument("--model")
     parser.add_argument("--threads", type=int, default=2)
@@ -157,11 +163,14 @@ def main() -> None:
     litemedsam = LiteMedSAM()  # loads in 0.3 s; only encodes when a dataset's peers are not cached
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    results: dict = {"clicks": args.clicks, "unet_seconds": args.unet_seconds, "datasets": {}}
+    results: dict = {"clicks": args.clicks, "unet_seconds": args.unet_seconds, "unet_steps": args.unet_steps, "datasets": {}}
     for name in TWO_D:
         dataset = load_dataset(args.datasets / name)
         cases = dataset.cases("test")[: args.max_cases or None]
         print(f"{name}: {len(cases)} cases", flush=True)
+        if args.unet_only:
+            print(json.dumps({"unet": mean(unet_dice(dataset, cases, args.unet_seconds, args.unet_steps or None, cache))}), flush=True)
+            continue
         peers = cached_peers(dataset, cases, litemedsam, args, cache)
         if args.peers_only:
             continue
@@ -176,11 +185,12 @@ def main() -> None:
                      "click_ms": ours["interactive"]["latency_ms"], "targets": len(items)},
             **peers,
         }
-        if args.unet_seconds > 0:
-            entry["unet"] = {"dice": mean(unet_dice(dataset, cases, args.unet_seconds, cache)), "seconds": args.unet_seconds}
+        if args.unet_seconds > 0 or args.unet_steps > 0:
+            entry["unet"] = {"dice": mean(unet_dice(dataset, cases, args.unet_seconds, args.unet_steps or None, cache)),
+                             "seconds": args.unet_seconds or None, "steps": args.unet_steps or None}
         results["datasets"][name] = entry
         print(json.dumps({k: (v if not isinstance(v, dict) else {a: b for a, b in v.items() if a != "curve"}) for k, v in entry.items()}), flush=True)
-    if args.peers_only:
+    if args.peers_only or args.unet_only:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -275,37 +275,84 @@ class KPrismSession:
     def segment_semantic_labels(
         self, class_names: Sequence[str], slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None,
         cancel: Optional[Callable[[], bool]] = None, largest_component: bool = False, fill_holes: bool = False,
+        engine: str = "auto",
     ) -> LabelmapResult:
-        """Many classes in one pass, straight into one label map (value i+1 = class i).
+        """Many classes straight into one label map (value i+1 = class i).
 
-        Memory stays bounded whatever the number of classes: no per-class probability volume is
-        kept, only the label map, one batch of decoder outputs and the bounded feature cache. Where
-        classes overlap, the most probable wins. `cancel()` is polled between batches and raises
-        `Cancelled`; nothing is returned then. Optional 3D clean-up per class: keep the largest
-        connected component, fill enclosed holes.
+        `engine`: "one_pass" runs the model's class head, all classes from one pass per slice (the
+        only way a whole CT with dozens of organs takes seconds, not minutes); "prompted" decodes
+        each class with its class token, as `segment_semantic` does; "auto" takes the class head
+        when the model has one. Memory stays bounded whatever the number of classes: only the label
+        map and one batch of logits are kept, and the one-pass engine streams slices without caching
+        their features. Where classes overlap, the most probable wins. `cancel()` is polled between
+        batches and raises `Cancelled`; nothing is returned then. Optional 3D clean-up per class:
+        keep the largest connected component, fill enclosed holes. `quality` is the quality head's
+        predicted Dice (prompted) or the class head's mean confidence inside the class (one pass).
         """
         self._require_image()
         class_names = [class_names] if isinstance(class_names, str) else list(class_names)
         if not class_names:
             raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
+        if engine not in ("auto", "one_pass", "prompted"):
+            raise ValueError(f"engine must be 'auto', 'one_pass' or 'prompted', not {engine!r}.")
+        if engine == "one_pass" and self.model.class_head is None:
+            raise ValueError("This model has no one-pass class head; use engine='prompted' (or 'auto').")
         class_ids = [self.catalog.index(name) for name in class_names]
         labels = np.zeros(self._view.canonical_shape, dtype=np.uint8 if len(class_names) < 255 else np.uint16)
         quality = np.full((len(class_names), self.num_slices), np.nan, dtype=np.float32)
         indices = list(range(self.num_slices)) if slices is None else list(slices)
-        for index, logits, slice_quality in self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress):
+        one_pass = engine == "one_pass" or (engine == "auto" and self.model.class_head is not None)
+        source = (self._class_head_slices(indices, class_ids, progress) if one_pass
+                  else self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress))
+        for index, logits, slice_quality in source:
             if cancel and cancel():
                 raise Cancelled("Segmentation cancelled; nothing was written.")
-            # One resize for all classes; comparing logits is comparing probabilities (sigmoid is monotonic).
-            grid = upsample_logits(torch.from_numpy(np.ascontiguousarray(logits))[:, None], self._slice_shape())[:, 0]
-            best, winner = grid.max(0)
-            winner = np.where(best.numpy() >= 0, winner.numpy() + 1, 0)
-            self._write_slice(labels, index, winner.astype(labels.dtype))
+            self._write_slice(labels, index, self._winning_labels(logits).astype(labels.dtype))
             quality[:, index] = slice_quality
         if largest_component or fill_holes:
             labels = clean_labels(labels, len(class_names), largest_component, fill_holes)
         with np.errstate(invalid="ignore"):
             mean_quality = [float(np.nanmean(q)) if np.isfinite(q).any() else float("nan") for q in quality]
         return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry)
+
+    def _winning_labels(self, logits: np.ndarray) -> np.ndarray:
+        """(K, h, w) logits → label values on the slice grid: 1 + the most probable class, 0 where none is > 0.5.
+
+        Only classes with a positive logit somewhere are resized: bilinear values never exceed the
+        largest input, so a class negative everywhere cannot win (exact, and most classes of a
+        slice are absent).
+        """
+        candidates = np.flatnonzero(logits.reshape(len(logits), -1).max(1) >= 0)
+        if not len(candidates):
+            return np.zeros(self._slice_shape(), dtype=np.int64)
+        # Comparing logits is comparing probabilities (sigmoid is monotonic).
+        grid = upsample_logits(torch.from_numpy(np.ascontiguousarray(logits[candidates]))[:, None], self._slice_shape())[:, 0]
+        best, winner = grid.max(0)
+        return np.where(best.numpy() >= 0, candidates[winner.numpy()] + 1, 0)
+
+    @torch.inference_mode()
+    def _class_head_slices(self, indices: Sequence[int], class_ids: Sequence[int], progress: Optional[Progress] = None):
+        """Yields (slice, logits (K, S/2, S/2), confidence (K,)) from the one-pass class head.
+
+        Slices are encoded and classified in batches and not cached: a whole volume streams through.
+        """
+        select = torch.tensor(class_ids)
+        for start in range(0, len(indices), ENCODE_BATCH):
+            chunk = list(indices[start : start + ENCODE_BATCH])
+            inputs = torch.stack([self._model_input(self.canonical_slice(i), self.image.modality, self.image.is_rgb, self._range)
+                                  for i in chunk])
+            with torch_threads(self.threads), autocast(self.device):
+                logits = self.model.segment_all(self.model.encode(inputs.to(self.device)))[:, select].float().cpu()
+            probability = torch.sigmoid(logits)
+            # Confidence: mean probability where the class wins (the head has no quality token).
+            best, winner = logits.max(1)
+            for n, index in enumerate(chunk):
+                won = (best[n] >= 0)[None] & (winner[n][None] == torch.arange(len(class_ids))[:, None, None])
+                area = won.flatten(1).sum(1)
+                confidence = torch.where(area > 0, (probability[n] * won).flatten(1).sum(1) / area.clamp(min=1), torch.nan)
+                yield index, logits[n].numpy(), confidence.numpy()
+            if progress:
+                progress(start + len(chunk), len(indices))
 
     # ----------------------------------------------------------------------------- in-context
     def segment_in_context(

@@ -233,6 +233,64 @@ def test_many_classes_go_straight_into_one_label_map(session):
     assert len(combined.quality) == 3
 
 
+@pytest.fixture(scope="module")
+def one_pass_session():
+    import torch
+
+    from kprism.catalog import ClassCatalog
+    from kprism.model import build_model, preset
+
+    torch.manual_seed(1)
+    model = build_model(preset("tiny", num_classes=3, class_head=True)).eval()
+    with torch.no_grad():  # a random head is almost never confident; shift one class so labels appear
+        model.class_head.classify.bias[:] = torch.tensor([0.0, 0.1, -0.1])
+    return KPrismSession(model, catalog=ClassCatalog.from_names(["disk", "square", "ring"]), device="cpu")
+
+
+def test_one_pass_label_map_is_the_class_heads_argmax_on_the_source_grid(one_pass_session):
+    import torch
+
+    from kprism.model import upsample_logits
+
+    session = one_pass_session
+    volume = np.random.default_rng(3).normal(size=(3, 36, 44)).astype(np.float32)
+    session.set_image(volume, geometry=oblique_geometry(), modality="mri")
+    result = session.segment_semantic_labels(["ring", "disk"], engine="one_pass")
+    assert result.labels.shape == volume.shape and result.names == ["ring", "disk"]
+    canonical = np.zeros(session._view.canonical_shape, np.int64)
+    for index in range(session.num_slices):
+        inputs = session._model_input(session.canonical_slice(index), "mri", False, session._range)[None]
+        with torch.no_grad():
+            logits = session.model.segment_all(session.model.encode(inputs))[:, [2, 0]]
+        grid = upsample_logits(logits, session._slice_shape())[0]
+        best, winner = grid.max(0)
+        canonical[index] = np.where(best.numpy() >= 0, winner.numpy() + 1, 0)
+    expected = session._view.from_canonical(canonical)
+    assert 0 < (expected > 0).mean() < 1  # a meaningful comparison: some voxels labelled, some not
+    assert (result.labels == expected).mean() > 0.999
+    assert all(0.5 <= q <= 1 for q in result.quality if np.isfinite(q))
+    assert not session.is_encoded(0)  # the whole-volume pass streams; it does not fill the click cache
+
+
+def test_engine_choice_is_checked(session, one_pass_session):
+    session.set_image(np.zeros((2, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="no one-pass class head"):
+        session.segment_semantic_labels(["disk"], engine="one_pass")
+    with pytest.raises(ValueError, match="engine must be"):
+        session.segment_semantic_labels(["disk"], engine="fast")
+    one_pass_session.set_image(np.zeros((2, 16, 16), np.float32))
+    prompted = one_pass_session.segment_semantic_labels(["disk"], engine="prompted")
+    assert prompted.labels.shape == (2, 16, 16)
+
+
+def test_one_pass_run_can_be_cancelled(one_pass_session):
+    from kprism.session import Cancelled
+
+    one_pass_session.set_image(np.zeros((20, 32, 32), np.float32))
+    with pytest.raises(Cancelled):
+        one_pass_session.segment_semantic_labels(["disk"], cancel=lambda: True)
+
+
 def test_label_map_run_can_be_cancelled(session):
     from kprism.session import Cancelled
 

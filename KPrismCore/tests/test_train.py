@@ -190,3 +190,99 @@ def test_validation_handles_soft_targets_with_no_pixel_above_half(tmp_path):
     model = build_model(preset("tiny", image_size=32, num_classes=1))
     scores = validate(model, [ValidationItem("d", "vessel", 0, 1, 0)], bank, bank, catalog)
     assert set(scores) == {("d", "semantic"), ("d", "in_context"), ("d", "click")}
+
+
+def _two_dataset_bank():
+    from kprism.data.slices import SliceBank, SliceRecord
+
+    bank = SliceBank(size=8)
+    image = torch.zeros(3, 8, 8)
+    for i in range(10):  # dataset A: 'big' on 9 slices, 'small' on 1
+        labels = torch.zeros(8, 8, dtype=torch.uint8)
+        labels[:4] = 1 if i < 9 else 2
+        bank.add(image, labels, SliceRecord("A", f"a{i}", 0, 1), {1: "big", 2: "small"})
+    for i in range(3):
+        labels = torch.zeros(8, 8, dtype=torch.uint8)
+        labels[2:] = 1
+        bank.add(image, labels, SliceRecord("B", f"b{i}", 0, 1), {1: "other"})
+    return bank
+
+
+def _draw_counts(task: TaskConfig, draws: int = 3000) -> dict[str, int]:
+    from collections import Counter
+
+    from kprism.catalog import ClassCatalog
+    from kprism.train.tasks import TaskSampler
+
+    bank = _two_dataset_bank()
+    sampler = TaskSampler(bank, ClassCatalog.from_names(bank.class_names), task, seed=0)
+    return Counter(name for _ in range(draws // 4) for name in sampler.sample(4).class_names)
+
+
+def test_dataset_weights_and_sqrt_slice_class_weighting_shape_the_draws():
+    semantic = dict(semantic=1.0, in_context=0.0, interactive=0.0, negative_rate=0.0)
+    uniform = _draw_counts(TaskConfig(**semantic))
+    assert abs(uniform["big"] - uniform["small"]) < 150 and abs(uniform["other"] - 1500) < 150
+    weighted = _draw_counts(TaskConfig(**semantic, dataset_weights={"A": 3.0}, class_weighting="sqrt_slices"))
+    # A is drawn 3/4 of the time; inside A, 'big' has sqrt(9) : sqrt(1) = 3 : 1 the weight of 'small'.
+    assert abs(weighted["other"] - 750) < 120
+    assert abs(weighted["big"] - 3 * weighted["small"]) < 0.25 * weighted["big"], weighted
+
+
+def test_unknown_dataset_weight_or_class_weighting_is_named():
+    with pytest.raises(ValueError, match=r"\['C'\].*known: \['A', 'B'\]"):
+        _draw_counts(TaskConfig(dataset_weights={"C": 2.0}), draws=4)
+    with pytest.raises(ValueError, match="class_weighting"):
+        _draw_counts(TaskConfig(class_weighting="by_volume"), draws=4)
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_records_them(dataset, tmp_path):
+    base = Trainer(config(dataset, tmp_path / "base", steps=2), show_progress=False).fit()
+    tuned = Trainer(config(dataset, tmp_path / "tuned", steps=2, init_from=str(base)), show_progress=False)
+    _, _, start = load_model(base)
+    for name, value in tuned.model.state_dict().items():
+        assert torch.equal(value, start.state_dict[name]), name
+    _, _, result = load_model(tuned.fit())
+    assert result.training["init_from"]["sha256"] == start.sha256
+    assert result.training["init_from"]["training"]["steps"] == 2
+
+
+def test_fine_tuning_from_weights_of_other_classes_is_refused(dataset, tmp_path):
+    base = Trainer(config(dataset, tmp_path / "base", steps=1), show_progress=False).fit()
+    with pytest.raises(ValueError, match="other classes"):
+        Trainer(config(dataset, tmp_path / "tuned", classes=["disk"], init_from=str(base)), show_progress=False)
+
+
+def test_resume_is_refused_when_the_starting_weights_changed(dataset, tmp_path):
+    first = Trainer(config(dataset, tmp_path / "w1", steps=1), show_progress=False).fit()
+    second = Trainer(config(dataset, tmp_path / "w2", steps=1, seed=5), show_progress=False).fit()
+    Trainer(config(dataset, tmp_path / "run", init_from=str(first)), show_progress=False).fit(until=1)
+    with pytest.raises(ValueError, match="different training config"):
+        Trainer(config(dataset, tmp_path / "run", init_from=str(second)), show_progress=False).fit()
+
+
+def test_class_head_stage_trains_only_the_head_and_keeps_prompted_results(dataset, tmp_path):
+    base = Trainer(config(dataset, tmp_path / "base", steps=2), show_progress=False).fit()
+    cfg = config(dataset, tmp_path / "head", steps=30, batch_size=4, lr=5e-3, init_from=str(base),
+                 model_overrides={"image_size": 64, "class_head": True}, objective="class_head", train_only=["class_head"],
+                 task=TaskConfig(semantic=1.0, in_context=0.0, interactive=0.0, knowledge_then_clicks=0.0))
+    trainer = Trainer(cfg, show_progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    losses = [trainer.train_step(trainer.sampler.sample(cfg.batch_size))["loss"] for _ in range(cfg.steps)]
+    assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("class_head.") for k in changed), sorted(changed)[:5]
+    trainer.step = cfg.steps - 1
+    model, catalog, _ = load_model(trainer.fit())
+    assert model.config.class_head and catalog.names == ["disk", "square"]
+    with torch.no_grad():
+        logits = model.segment_all(model.encode(torch.zeros(2, 3, 64, 64)))
+    assert logits.shape == (2, 2, 32, 32)
+
+
+def test_class_head_objective_without_the_head_or_unknown_module_is_refused(dataset, tmp_path):
+    with pytest.raises(ValueError, match="class_head: true"):
+        Trainer(config(dataset, tmp_path / "a", objective="class_head"), show_progress=False)
+    with pytest.raises(ValueError, match=r"train_only names \['decoderr'\]"):
+        Trainer(config(dataset, tmp_path / "b", train_only=["decoderr"]), show_progress=False)

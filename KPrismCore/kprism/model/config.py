@@ -23,6 +23,7 @@ class KPrismConfig:
     num_classes: int = 1  # size of the semantic class-token table
     max_references: int = 4
     dropout: float = 0.0
+    class_head: bool = False  # the one-pass all-class head (`KPrismModel.segment_all`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

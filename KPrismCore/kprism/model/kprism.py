@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .class_head import ClassHead
 from .config import KPrismConfig
 from .decoder import MoEDecoder
 from .encoder import ImageEncoder, ImageFeatures
@@ -38,6 +39,7 @@ class KPrismModel(nn.Module):
         self.decoder = MoEDecoder(config)
         self.mask_head = MaskHead(config)
         self.quality_head = QualityHead(config)
+        self.class_head = ClassHead(config) if config.class_head else None
 
     def encode(self, images: torch.Tensor) -> ImageFeatures:
         """(B, C, S, S) normalised images → cached features. Run once per slice."""
@@ -66,6 +68,12 @@ class KPrismModel(nn.Module):
         quality = self.quality_head(tokens[:, 1])
         balance = torch.stack([m.balance_loss for m in self.decoder.moe_layers()]).mean()
         return Prediction(logits, quality, aux, balance)
+
+    def segment_all(self, features: ImageFeatures) -> torch.Tensor:
+        """Every class at once from encoded slices: (B, num_classes, S/2, S/2) logits (needs the class head)."""
+        if self.class_head is None:
+            raise ValueError("This model has no one-pass class head (config class_head=False); decode classes with prompts.")
+        return self.class_head(features)
 
     def forward(self, images: torch.Tensor, prompts: Prompts) -> Prediction:
         return self.decode(self.encode(images), prompts)

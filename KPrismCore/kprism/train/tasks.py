@@ -30,6 +30,12 @@ class TaskConfig:
     max_correction_rounds: int = 3
     references: int = 1
     negative_rate: float = 0.05  # semantic tasks on a slice without the class (target empty)
+    # Relative draw weight per dataset folder name (default 1 each): a dataset with many classes
+    # (TotalSegmentator: 66) gets each class far less often than a one-class dataset otherwise.
+    dataset_weights: dict[str, float] = field(default_factory=dict)
+    # "uniform": every class of a dataset equally often; "sqrt_slices": by the square root of the number
+    # of slices showing it, so large organs (what users ask for first) are seen more, small ones still often.
+    class_weighting: str = "uniform"
 
 
 @dataclass
@@ -60,6 +66,31 @@ class TaskSampler:
             for dataset in bank.datasets_of(name):
                 self.classes_by_dataset.setdefault(dataset, []).append(name)
         self.datasets = sorted(self.classes_by_dataset)
+        self.dataset_p = self._dataset_probabilities(config.dataset_weights)
+        self.class_p = {d: self._class_probabilities(d, names) for d, names in self.classes_by_dataset.items()}
+
+    def _dataset_probabilities(self, weights: dict[str, float]) -> Optional[np.ndarray]:
+        unknown = sorted(set(weights) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"dataset_weights names datasets {unknown} that are not in training; known: {self.datasets}")
+        if any(w < 0 for w in weights.values()) or not any(weights.get(d, 1.0) > 0 for d in self.datasets):
+            raise ValueError("dataset_weights must be ≥ 0 with at least one dataset above 0.")
+        if not weights:
+            return None  # uniform: integer draws, so configs without weights replay earlier runs exactly
+        w = np.array([weights.get(d, 1.0) for d in self.datasets], dtype=float)
+        return w / w.sum()
+
+    def _class_probabilities(self, dataset: str, names: list[str]) -> Optional[np.ndarray]:
+        if self.config.class_weighting == "uniform":
+            return None
+        if self.config.class_weighting != "sqrt_slices":
+            raise ValueError(f"class_weighting must be 'uniform' or 'sqrt_slices', not {self.config.class_weighting!r}.")
+        counts = np.array([sum(self.bank.records[i].dataset == dataset for i, _ in self.bank.by_class[n]) for n in names], dtype=float)
+        w = np.sqrt(counts)
+        return w / w.sum()
+
+    def _draw(self, count: int, p: Optional[np.ndarray]) -> int:
+        return int(self.rng.integers(count)) if p is None else int(self.rng.choice(count, p=p))
 
     def state(self) -> dict:
         return self.rng.bit_generator.state
@@ -73,8 +104,9 @@ class TaskSampler:
         names, query_ids, values = [], [], []
         for _ in range(batch_size):
             while True:
-                dataset = self.datasets[self.rng.integers(len(self.datasets))]
-                name = self.classes_by_dataset[dataset][self.rng.integers(len(self.classes_by_dataset[dataset]))]
+                dataset = self.datasets[self._draw(len(self.datasets), self.dataset_p)]
+                names_here = self.classes_by_dataset[dataset]
+                name = names_here[self._draw(len(names_here), self.class_p[dataset])]
                 slice_id, value = self._slice_with(name, dataset)
                 # A class seen on a single slice has no reference that is not the target itself.
                 if mode != "in_context" or self._reference_pool(name, slice_id):

@@ -7,6 +7,7 @@ Run it with `kprism train CONFIG` (one process) or `torchrun --nproc_per_node N 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,8 +26,9 @@ from ..catalog import ClassCatalog
 from ..data.slices import SliceBank, build_slice_bank
 from ..model import KPrismModel, Prompts, build_model, preset, upsample_logits
 from ..runtime import autocast, resolve_device
-from ..weights import save_checkpoint
+from ..weights import Checkpoint, file_sha256, read_checkpoint, save_checkpoint
 from .augment import augment_batch, build_augmentation
+from .class_head import ClassTargetBuilder, class_head_loss
 from .interactions import correction_clicks, first_prompts
 from .losses import total_loss
 from .tasks import TaskBatch, TaskConfig, TaskSampler
@@ -56,6 +58,11 @@ class TrainConfig:
     device: str = "auto"
     reference_gradients: bool = False
     soft_targets: bool = True  # area-averaged targets from labels at 2× resolution: thin structures survive
+    init_from: Optional[str] = None  # weights to start from (fine-tuning); same preset and classes, loaded strictly
+    # "prompts": the three-mode tasks; "class_head": only the one-pass class head (needs model_overrides
+    # class_head: true), every labelled class of a slice at once.
+    objective: str = "prompts"
+    train_only: Optional[list[str]] = None  # top-level module names to train; the rest is frozen (and kept in eval mode)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "deep": 0.4, "balance": 0.01, "quality": 0.5})
     task: TaskConfig = field(default_factory=TaskConfig)
 
@@ -70,14 +77,16 @@ class TrainConfig:
             return str((base_dir / path).resolve())  # an absolute path passes through unchanged
 
         values["datasets"] = [anchor(d) for d in values["datasets"]]
-        for key in ("output", "run_dir"):
+        for key in ("output", "run_dir", "init_from"):
             if key in values:
                 values[key] = anchor(values[key])
         return cls(**values)
 
     def fingerprint(self) -> str:
         """What must match for a resume to be the same run (steps and logging may change)."""
-        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "val_every", "val_per_dataset", "threads", "device", "run_dir", "output")}
+        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "val_every", "val_per_dataset", "threads", "device", "run_dir", "output", "init_from")}
+        if self.init_from:  # the starting weights' content matters, not where the file lies
+            core["init_sha256"] = file_sha256(self.init_from)
         return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -114,13 +123,21 @@ class Trainer:
         model_config = preset(config.preset, **{**config.model_overrides, "num_classes": len(self.catalog)})
         self.device = resolve_device(config.device)
         # channels_last: oneDNN's convolutions run ~30% faster in this layout on the CPU (measured).
-        self.model: KPrismModel = build_model(model_config).to(self.device, memory_format=torch.channels_last)
+        self.model: KPrismModel = build_model(model_config)
+        self.init_checkpoint = _load_initial_weights(self.model, config.init_from, self.catalog) if config.init_from else None
+        self.model = self.model.to(self.device, memory_format=torch.channels_last)
+        if config.objective not in ("prompts", "class_head"):
+            raise ValueError(f"objective must be 'prompts' or 'class_head', not {config.objective!r}.")
+        if config.objective == "class_head" and self.model.class_head is None:
+            raise ValueError("objective 'class_head' needs a model with the class head: add model_overrides: {class_head: true}.")
+        self.class_targets = ClassTargetBuilder(self.bank, self.catalog) if config.objective == "class_head" else None
+        trainable = self._freeze(config.train_only)
         # Mixed precision on CUDA only; on the CPU the scaler is a no-op.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         self.sampler = TaskSampler(self.bank, self.catalog, config.task, seed=config.seed + 1000 * self.rank)
         self.rng = np.random.default_rng(config.seed + 7 + 1000 * self.rank)
         self.augmentation = build_augmentation(model_config.image_size, config.seed + self.rank)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
         self.step = 0
@@ -129,6 +146,28 @@ class Trainer:
         if config.val_every and self.rank == 0:
             self.val_bank = build_slice_bank(config.datasets, model_config.image_size, split="test", label_scale=self.bank.label_scale)
             self.val_items = validation_items(self.val_bank, self.bank, self.catalog, config.val_per_dataset, config.seed)
+
+    def _freeze(self, train_only: Optional[list[str]]) -> list[torch.nn.Parameter]:
+        """Freezes every top-level module not in `train_only`; returns the parameters left to train."""
+        if not train_only:
+            return list(self.model.parameters())
+        modules = dict(self.model.named_children())
+        unknown = [name for name in train_only if modules.get(name) is None]
+        if unknown:
+            raise ValueError(f"train_only names {unknown}, which this model does not have; it has {sorted(k for k, v in modules.items() if v is not None)}.")
+        for name, module in modules.items():
+            if module is not None:
+                module.requires_grad_(name in train_only)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _train_mode(self) -> None:
+        """Frozen modules stay in eval mode: their batch-norm statistics must not drift either."""
+        if not self.config.train_only:
+            self.model.train()
+            return
+        self.model.eval()
+        for name in self.config.train_only:
+            getattr(self.model, name).train()
 
     # -------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
@@ -178,7 +217,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- steps
     def train_step(self, batch: TaskBatch) -> dict[str, float]:
-        self.model.train()
+        self._train_mode()
+        if self.class_targets is not None:
+            return self._class_head_step(batch)
         query, prompts, targets = self._encode(batch)
         numpy_targets = (targets > 0.5).cpu().numpy()
         clicks: list[list] = [[] for _ in range(len(batch.query_ids))]
@@ -194,6 +235,16 @@ class Trainer:
             parts = total_loss(prediction, targets, self.config.loss_weights)
         self._optimise(parts["loss"])
         return {k: float(v.detach()) for k, v in parts.items()}
+
+    def _class_head_step(self, batch: TaskBatch) -> dict[str, float]:
+        targets = self.class_targets.build(batch.query_ids, self.augmentation)
+        with autocast(self.device):
+            with torch.set_grad_enabled(self.model.encoder.training):
+                features = self.model.encode(targets.images.to(self.device, memory_format=torch.channels_last))
+            loss = class_head_loss(self.model.segment_all(features).float(), targets)
+        self._optimise(loss)
+        value = float(loss.detach())
+        return {"loss": value, "mask": value, "deep": 0.0, "balance": 0.0, "quality": 0.0}
 
     def _encode(self, batch: TaskBatch):
         """Augment and encode the queries (and references); returns features, base prompts, targets."""
@@ -264,6 +315,9 @@ class Trainer:
         training = {"steps": self.step, "preset": self.config.preset, "datasets": [Path(d).name for d in self.config.datasets],
                     "batch_size": self.config.batch_size, "wall_time_s_this_run": round(elapsed, 1),
                     "steps_per_hour": round((self.step - start_step) / max(elapsed, 1e-9) * 3600)}
+        if self.init_checkpoint is not None:
+            training["init_from"] = {"file": self.init_checkpoint.path.name, "sha256": self.init_checkpoint.sha256,
+                                     "training": self.init_checkpoint.training}
         save_checkpoint(self.model.cpu(), self.config.output, self.model.config, self.catalog, training=training)
         return Path(self.config.output)
 
@@ -280,6 +334,27 @@ class Trainer:
             for (dataset, mode), value in sorted(scores.items()):
                 writer.writerow([self.step, dataset, mode, round(value, 4)])
         return scores
+
+
+def _load_initial_weights(model: KPrismModel, path: str, catalog: ClassCatalog) -> Checkpoint:
+    """Strictly loads fine-tuning start weights; another preset or class list is refused with the reason."""
+    checkpoint = read_checkpoint(path)
+    adds_class_head = model.config.class_head and not checkpoint.config.class_head
+    if checkpoint.catalog.names != catalog.names:
+        extra, missing = set(checkpoint.catalog.names) - set(catalog.names), set(catalog.names) - set(checkpoint.catalog.names)
+        raise ValueError(f"init_from {path} was trained on other classes (only in the weights: {sorted(extra)}; only in "
+                         f"this training: {sorted(missing)}; or another order). Train with the same datasets or classes.")
+    if dataclasses.replace(checkpoint.config, class_head=model.config.class_head) != model.config:
+        raise ValueError(f"init_from {path} is a different model ({checkpoint.config}) from this config's ({model.config}).")
+    if adds_class_head:
+        # Only the new head may be missing: every other weight must be in the file and fit exactly.
+        result = model.load_state_dict(checkpoint.state_dict, strict=False)
+        stray = [k for k in result.missing_keys if not k.startswith("class_head.")] + list(result.unexpected_keys)
+        if stray:
+            raise ValueError(f"init_from {path} does not fit this model beyond the new class head: {stray[:5]}")
+    else:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    return checkpoint
 
 
 def _distributed_rank() -> tuple[int, int]:
