@@ -26,6 +26,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", type=int, default=0, help="3D slicing axis of the LPS view: 0 axial (default), 1 coronal, 2 sagittal")
     p.add_argument("--propagate", action="store_true",
                    help="3D: carry the result on the last prompted slice through the neighbouring slices")
+    p.add_argument("--engine", default="auto", choices=["auto", "one_pass", "prompted"],
+                   help="several --classes: 'one_pass' = the class head, every class from one pass per slice (seconds for "
+                        "a whole CT); 'prompted' = one decoder pass per class; 'auto' = one_pass when the model has the head")
     p.add_argument("--name", default="segment", help="segment name for in-context / interactive results")
     p.add_argument("--overlay", help="also write a PNG quick look here")
     _add_runtime(p)
@@ -53,7 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     download.add_argument("name")
     evaluate = sub.add_parser("eval", help="Score a model on nnU-Net datasets (imagesTs/labelsTs, else imagesTr).")
     evaluate.add_argument("--dataset", action="append", required=True, help="dataset folder (repeatable)")
-    evaluate.add_argument("--mode", default="all", choices=["semantic", "incontext", "interactive", "scribble", "all"])
+    evaluate.add_argument("--mode", default="all", choices=["semantic", "onepass", "incontext", "interactive", "scribble", "all"],
+                          help="all = every mode the model supports (onepass needs its class head)")
     evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm", "cvpr25"],
                           help="kprism / ritm: 2D per-slice with that click rule; cvpr25: 3D box + 5 clicks per structure")
     evaluate.add_argument("--clicks", type=int, default=20, help="clicks per target (default 20)")
@@ -112,7 +116,7 @@ def _segment(args: argparse.Namespace) -> int:
     results = {}
     if len(classes) > 1:
         # Several classes straight into one label map: memory does not grow with the class count.
-        labelmap = session.segment_semantic_labels(classes, progress=progress)
+        labelmap = session.segment_semantic_labels(classes, progress=progress, engine=args.engine)
         return _write_labelmap(args, image, labelmap, session.catalog, {**provenance, "classes": classes})
     if classes:
         results = session.segment_semantic(classes, progress=progress)
@@ -222,8 +226,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate.protocols import MODES, Timings, evaluate_dataset, summarise
     from .evaluate.volumetric import evaluate_volumes, summarise_volumes
 
-    modes = MODES if args.mode == "all" else (args.mode,)
     session = _session(args)
+    has_head = session.model.class_head is not None
+    modes = tuple(m for m in MODES if m != "onepass" or has_head) if args.mode == "all" else (args.mode,)
     report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": args.clicks, "datasets": {}}
     for folder in args.dataset:
         dataset = load_dataset(folder)

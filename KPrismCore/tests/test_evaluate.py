@@ -36,6 +36,32 @@ def test_every_mode_is_scored_on_every_label(tmp_path, tiny_model):
         assert mode["latency_ms"]["click_p50"] > 0 and mode["latency_ms"]["encode_p50"] > 0
 
 
+def test_one_pass_mode_scores_every_label_from_one_label_map(tmp_path, tiny_model):
+    import torch
+
+    from kprism.catalog import ClassCatalog
+    from kprism.model import build_model, preset
+
+    dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=3))
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", num_classes=2, class_head=True)).eval()
+    with torch.no_grad():
+        model.class_head.classify.bias[:] = torch.tensor([0.3, -0.2])  # some pixels of each class
+    session = KPrismSession(model, catalog=ClassCatalog.from_names(["disk", "square"]), device="cpu")
+    items = evaluate_dataset(session, dataset, ("onepass",))
+    assert {i.label for i in items} == {"disk", "square"} and all("onepass" in i.scores for i in items)
+    case = dataset.cases("train")[0]
+    image, labels = dataset.load(case)
+    session.set_image(image)
+    expected = session.segment_semantic_labels(["disk", "square"], engine="one_pass").labels == 1
+    disk = next(i for i in items if i.case_id == case.case_id and i.label == "disk")
+    truth = labels == 1
+    assert disk.scores["onepass"]["dice"] == pytest.approx(2 * (expected & truth).sum() / (expected.sum() + truth.sum()))
+    model, catalog = tiny_model
+    with pytest.raises(ValueError, match="class head"):
+        evaluate_dataset(KPrismSession(model, catalog=catalog, device="cpu"), dataset, ("onepass",))
+
+
 def test_noc_is_not_reported_without_the_full_click_budget(tmp_path, tiny_model):
     model, catalog = tiny_model
     dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=2))

@@ -232,7 +232,14 @@ class KPrismLogic:
         provenance: dict[str, Any] = {"tool": "KPrismSlicer", "model": self.model_name(), "mode": mode,
                                       "volume": volume_node.GetName()}
         encode = report.stage(0.05, 0.95, "Segmenting")
-        if mode == "semantic":
+        labelmap = None
+        if mode == "semantic" and len(classes) > 1:
+            # Several classes: one label map (the one-pass class head when the model has it), so memory
+            # does not grow with the class count and overlapping classes resolve to the most probable.
+            labelmap = session.segment_semantic_labels(classes, progress=encode)
+            results = {c: labelmap for c in classes}
+            provenance["classes"] = classes
+        elif mode == "semantic":
             results = session.segment_semantic(classes, progress=encode)
             provenance["classes"] = classes
         elif mode == "incontext":
@@ -260,7 +267,12 @@ class KPrismLogic:
 
         report(0.97, "Writing the segmentation")
         report.check()
-        written = self._write(segmentation_node, volume_node, targets, list(results.values()), provenance)
+        if labelmap is not None:
+            masks = [(labelmap.labels == n + 1).astype(np.uint8) for n in range(len(classes))]
+            qualities = labelmap.quality
+        else:
+            masks, qualities = [r.mask for r in results.values()], [r.quality for r in results.values()]
+        written = self._write(segmentation_node, volume_node, targets, masks, qualities, provenance)
         single = len(written) == 1
         self._last_target = (volume_node.GetID(), segmentation_node.GetID(), next(iter(written.values())), self._binding) if single else None
         report(1.0, "Done")
@@ -281,25 +293,16 @@ class KPrismLogic:
         return [(None, name or default_name, color)]
 
     @staticmethod
-    def _write(segmentation_node, volume_node, targets, results, provenance) -> dict[str, str]:
-        """All results, or (on any error) none: the segmentation is restored from a copy.
-
-        Several classes share voxels the way the command line does: where they overlap, the most
-        probable class wins, so the result stays one label map.
-        """
-        masks = [result.mask for result in results]
-        if len(results) > 1:
-            probability = np.stack([result.probability for result in results])
-            winner = np.where(probability.max(0) >= results[0].threshold, probability.argmax(0), -1)
-            masks = [(winner == n).astype(np.uint8) for n in range(len(results))]
+    def _write(segmentation_node, volume_node, targets, masks, qualities, provenance) -> dict[str, str]:
+        """All masks, or (on any error) none: the segmentation is restored from a copy."""
         segmentation = segmentation_node.GetSegmentation()
         backup = slicer.vtkSegmentation()
         backup.DeepCopy(segmentation)
         written = {}
         was_modifying = segmentation_node.StartModify()
         try:
-            for (target_id, name, color), result, mask in zip(targets, results, masks):
-                tags = {nodes.PROVENANCE_TAG: {**provenance, "quality": _finite(result.quality)}}
+            for (target_id, name, color), quality, mask in zip(targets, qualities, masks):
+                tags = {nodes.PROVENANCE_TAG: {**provenance, "quality": _finite(quality)}}
                 written[name] = nodes.write_segment(segmentation_node, volume_node, mask, target_id, name, color, tags)
         except BaseException:
             segmentation.DeepCopy(backup)

@@ -22,7 +22,7 @@ from .metrics import dice_auc, noc, nof, nsd, peak_rss_mb, percentiles
 
 CLICK_RULES = {"kprism": click_kprism, "ritm": click_ritm}
 CLICK_REPORT = (1, 3, 5, 10, 20)
-MODES = ("semantic", "incontext", "interactive", "scribble")
+MODES = ("semantic", "onepass", "incontext", "interactive", "scribble")  # onepass: the class head, all labels at once
 NSD_TOLERANCE = 2.0  # mm on scans with a physical spacing; pixels on photographs
 
 
@@ -120,6 +120,8 @@ def evaluate_dataset(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {MODES}.")
+    if "onepass" in modes and session.model.class_head is None:
+        raise ValueError("Mode 'onepass' needs a model with the one-pass class head; this one has none.")
     split = split or dataset.evaluation_split()
     cases = dataset.cases(split)[: max_cases or None]
     if not cases:
@@ -134,6 +136,7 @@ def evaluate_dataset(
         volume = _view(session).to_canonical(label_map) if image.ndim == 3 else label_map[None]
         if progress:
             progress(f"{dataset.name}/{case.case_id}")
+        onepass = _one_pass_labels(session, volume, wanted, max_slices_per_label, image.ndim) if "onepass" in modes else None
         for name, value in wanted.items():
             slices = labelled_slices(volume, value, max_slices_per_label)
             if not slices:
@@ -148,6 +151,8 @@ def evaluate_dataset(
             restrict = slices if image.ndim == 3 else None
             if "semantic" in modes and name in session.catalog:
                 _score(session, case_items, truths, "semantic", session.segment_semantic([name], slices=restrict)[name].mask)
+            if onepass is not None and name in onepass.names:
+                _score(session, case_items, truths, "onepass", onepass.labels == onepass.names.index(name) + 1)
             if "incontext" in modes:
                 for count in references:
                     refs = picker.references(case.case_id, value, count)
@@ -161,6 +166,15 @@ def evaluate_dataset(
                     item.scores["scribble"] = scribble_score(session, item, truth, case)
             items.extend(case_items)
     return items
+
+
+def _one_pass_labels(session: KPrismSession, volume: np.ndarray, wanted: dict[str, int], max_slices: Optional[int], ndim: int):
+    """All of a case's known labels from the class head at once (they compete for each pixel, as in use)."""
+    names = [n for n in wanted if n in session.catalog]
+    slices = sorted({s for n in names for s in labelled_slices(volume, wanted[n], max_slices)})
+    if not names or not slices:
+        return None
+    return session.segment_semantic_labels(names, slices=slices if ndim == 3 else None, engine="one_pass")
 
 
 def _score(session: KPrismSession, items: Sequence[Item], truths: dict[int, np.ndarray], key: str, mask: np.ndarray) -> None:

@@ -11,9 +11,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """One row per dataset: semantic, in-context, scribble, Dice after 1/3/5/10/20 clicks, NoC@90."""
+    """One row per dataset: semantic (prompted, one-pass), in-context, scribble, Dice after 1/3/5/10/20 clicks, NoC@90."""
     click_keys = sorted({k for d in report["datasets"].values() for k in d["modes"].get("interactive", {}).get("dice_at_clicks", {})}, key=int)
-    header = (["dataset", "split", "targets", "semantic", "in-context 1", "in-context 2", "scribble"]
+    header = (["dataset", "split", "targets", "semantic", "one-pass", "in-context 1", "in-context 2", "scribble"]
               + [f"{k} click{'s' if k != '1' else ''}" for k in click_keys] + ["NoC@90", "click p50 ms"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, d in report["datasets"].items():
@@ -22,7 +22,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         clicks = interactive.get("dice_at_clicks", {})
         targets = max((m.get("targets", 0) for m in modes.values()), default=0)
         row = ([name, d.get("split", ""), str(targets)]
-               + [_fmt(modes.get(m, {}).get("dice_mean")) for m in ("semantic", "incontext_1", "incontext_2", "scribble")]
+               + [_fmt(modes.get(m, {}).get("dice_mean")) for m in ("semantic", "onepass", "incontext_1", "incontext_2", "scribble")]
                + [_fmt(clicks.get(k)) for k in click_keys]
                + [_fmt(interactive.get("noc90"), 1), _fmt((interactive.get("latency_ms") or {}).get("click_p50"), 1)])
         lines.append("| " + " | ".join(row) + " |")
@@ -60,12 +60,13 @@ def plot_click_curves(report: dict[str, Any], path: Path) -> Path:
 
 
 def plot_mode_bars(report: dict[str, Any], path: Path) -> Path:
-    """Per-dataset Dice bars for semantic, in-context (1 ref), scribble and 5 clicks."""
+    """Per-dataset Dice bars for semantic, one-pass, in-context (1 ref), scribble and 5 clicks."""
     import numpy as np
 
     names = list(report["datasets"])
     series = {
         "semantic": [report["datasets"][n]["modes"].get("semantic", {}).get("dice_mean") for n in names],
+        "one-pass": [report["datasets"][n]["modes"].get("onepass", {}).get("dice_mean") for n in names],
         "in-context (1 ref)": [report["datasets"][n]["modes"].get("incontext_1", {}).get("dice_mean") for n in names],
         "scribble": [report["datasets"][n]["modes"].get("scribble", {}).get("dice_mean") for n in names],
         "5 clicks": [report["datasets"][n]["modes"].get("interactive", {}).get("dice_at_clicks", {}).get("5") for n in names],
