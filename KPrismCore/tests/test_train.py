@@ -146,9 +146,18 @@ def test_model_card_carries_hash_steps_classes_and_the_evaluation(dataset, tmp_p
                 "--json", str(tmp_path / "eval.json"), "--threads", "1"]) == 0
     import json
 
-    card = model_card(weights, json.loads((tmp_path / "eval.json").read_text(encoding="utf-8")), "configs/x.yaml", None, "Notes here.")
+    evaluation = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    card = model_card(weights, evaluation, ["configs/x.yaml"], None, "Notes here.")
     assert load_model(weights)[2].sha256 in card
     assert "disk, square" in card and "| Dataset900_Shapes |" in card and "Notes here." in card
+    assert "| 1 | `kprism train configs/x.yaml` | 2 | 4 |" in card
+    tuned = Trainer(config(dataset, tmp_path / "stage2", steps=3, init_from=str(weights)), show_progress=False).fit()
+    card = model_card(tuned, evaluation, ["configs/x.yaml", "configs/y.yaml"], None, "",
+                      speed=[{"config": "y.yaml", "steps_per_hour": 12345, "batch_size": 4, "max_correction_rounds": 2, "threads": 2}])
+    assert "| 1 | `kprism train configs/x.yaml` | 2 |" in card and "| 2 | `kprism train configs/y.yaml` | 3 |" in card
+    assert "**12345 steps per hour**" in card
+    with pytest.raises(ValueError, match="one --config per run"):
+        model_card(tuned, evaluation, ["configs/y.yaml"], None, "")
 
 
 def test_soft_targets_keep_a_one_pixel_line_that_nearest_resizing_breaks(tmp_path):

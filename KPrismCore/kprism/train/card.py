@@ -1,6 +1,7 @@
 """Writes a model card from the weights' own metadata, the training run and an evaluation report.
 
-    python -m kprism.train.card WEIGHTS --eval eval.json --run RUN_DIR --config CONFIG --out CARD.md
+    python -m kprism.train.card WEIGHTS --eval eval.json --config STAGE1.yaml [--config STAGE2.yaml ...] \
+        [--speed train_speed.json] [--curve PNG] [--notes NOTES.md] --out CARD.md
 """
 
 from __future__ import annotations
@@ -27,27 +28,63 @@ DATASET_TERMS = {
 }
 
 
-def model_card(weights: Path, evaluation: dict, config_path: str, curve_png: str | None, notes: str) -> str:
+def training_stages(training: dict) -> list[dict]:
+    """The training runs behind a checkpoint, first to last, following each run's `init_from` record."""
+    stages = []
+    while training:
+        stages.append(training)
+        training = (training.get("init_from") or {}).get("training") or {}
+    return stages[::-1]
+
+
+def _stage_table(stages: list[dict], configs: list[str]) -> str:
+    if len(configs) != len(stages):
+        raise ValueError(f"The weights come from {len(stages)} training run(s); give one --config per run, in order (got {len(configs)}).")
+    rows = ["| stage | command | steps | batch | wall time | steps per hour |", "|---|---|---|---|---|---|"]
+    for n, (stage, config) in enumerate(zip(stages, configs), 1):
+        wall = stage.get("wall_time_s_this_run")
+        rows.append(f"| {n} | `kprism train {config}` | {stage.get('steps')} | {stage.get('batch_size')} | "
+                    f"{'?' if wall is None else f'{wall / 60:.0f} min'} | {stage.get('steps_per_hour', '?')} |")
+    return "\n".join(rows)
+
+
+def _speed_lines(speed: list[dict]) -> str:
+    if not speed:
+        return ""
+    lines = ["", "Training throughput measured alone on this CPU (`benchmarks/train_speed.py`, `benchmarks/results/train_speed.md`):"]
+    lines += [f"- `{r['config']}`: **{r['steps_per_hour']} steps per hour** (batch {r['batch_size']}, ≤ {r['max_correction_rounds']} "
+              f"correction rounds, {r['threads']} threads)" for r in speed]
+    return "\n".join(lines)
+
+
+def model_card(weights: Path, evaluation: dict, configs: list[str], curve_png: str | None, notes: str,
+               speed: list[dict] | None = None) -> str:
     checkpoint = read_checkpoint(weights)
     training = checkpoint.training
+    stages = training_stages(training)
+    first = stages[0]
     parameters = sum(t.numel() for t in checkpoint.state_dict.values() if t.is_floating_point())
     size_mb = weights.stat().st_size / 1e6
     data_rows = "\n".join(f"| {name} | {what} | {modality} | {terms} |" for name, (what, modality, terms) in DATASET_TERMS.items()
-                          if name in training.get("datasets", []))
+                          if name in first.get("datasets", []))
     curve = f"\n![learning curve]({curve_png})\n" if curve_png else ""
     return f"""# Model card: {weights.stem}
 
 | | |
 |---|---|
 | file | `{weights.name}` ({size_mb:.1f} MB, float32), sha256 `{checkpoint.sha256}` |
-| architecture | K-Prism `{training.get('preset', '?')}` preset, {parameters / 1e6:.2f} M parameters, {checkpoint.config.image_size}² input: depthwise-separable conv encoder with global attention (strides 2–16), sparse and dense prompt encoders, reference fusion, {checkpoint.config.decoder_layers}-layer two-way decoder with {checkpoint.config.num_experts}-expert top-{checkpoint.config.expert_top_k} MoE feed-forward blocks, mask and quality heads |
+| architecture | K-Prism `{training.get('preset', '?')}` preset, {parameters / 1e6:.2f} M parameters, {checkpoint.config.image_size}² input: depthwise-separable conv encoder with global attention (strides 2–16), sparse and dense prompt encoders, reference fusion, {checkpoint.config.decoder_layers}-layer two-way decoder with {checkpoint.config.num_experts}-expert top-{checkpoint.config.expert_top_k} MoE feed-forward blocks, mask and quality heads{", one-pass class head" if checkpoint.config.class_head else ""} |
 | intended use | research; the `kprism` CLI, demo and the Slicer module on a CPU or GPU |
 | not for | clinical decisions |
 
 ## Training
-- Command: `kprism train {config_path}` (the config is committed; relative paths resolve from it).
-- Steps: {training.get('steps')} at batch {training.get('batch_size')}; wall time of the run
-  {training.get('wall_time_s_this_run', '?')} s on 2 CPU cores, i.e. **{training.get('steps_per_hour', '?')} steps per hour**.
+Run the stages in order (the configs are committed; relative paths resolve from each config; each stage
+starts from the previous stage's weights, checked by hash):
+
+{_stage_table(stages, configs)}
+
+Wall times are of the runs themselves on 2 CPU cores, with other benchmarks sharing the machine at times.
+{_speed_lines(speed or [])}
 - Data: the `imagesTr` split of each dataset (volumes as axial slices of the canonical LPS view);
   `imagesTs` was never trained on.
 
@@ -76,13 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a model card.")
     parser.add_argument("weights", type=Path)
     parser.add_argument("--eval", required=True, type=Path, help="kprism eval --json output")
-    parser.add_argument("--config", required=True, help="the training config, as a repository path")
+    parser.add_argument("--config", required=True, action="append", help="training config of each stage, in order, as repository paths")
+    parser.add_argument("--speed", type=Path, help="benchmarks/results/train_speed.json")
     parser.add_argument("--curve", help="learning-curve PNG, relative to the card")
     parser.add_argument("--notes", type=Path, help="markdown with observations and limitations")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
-    args.out.write_text(model_card(args.weights, json.loads(args.eval.read_text(encoding="utf-8")), args.config, args.curve, notes))
+    speed = json.loads(args.speed.read_text(encoding="utf-8")) if args.speed else None
+    card = model_card(args.weights, json.loads(args.eval.read_text(encoding="utf-8")), args.config, args.curve, notes, speed)
+    args.out.write_text(card, encoding="utf-8")
     print(f"wrote {args.out}")
 
 
