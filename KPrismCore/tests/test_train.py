@@ -135,6 +135,8 @@ def test_learning_curve_figure_is_drawn_from_the_logs(dataset, tmp_path):
     (tmp_path / "run" / "val.csv").write_text("step,dataset,mode,dice\n2,d,semantic,0.5\n4,d,semantic,0.7\n", encoding="utf-8")
     figure = plot_learning_curve(tmp_path / "run", tmp_path / "curve.png")
     assert figure.stat().st_size > 20_000
+    staged = plot_learning_curve([tmp_path / "run", tmp_path / "run"], tmp_path / "stages.png")  # stage 2 continues the axis
+    assert staged.stat().st_size > 20_000
 
 
 def test_model_card_carries_hash_steps_classes_and_the_evaluation(dataset, tmp_path):
