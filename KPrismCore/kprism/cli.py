@@ -159,7 +159,8 @@ def _write_labelmap(args: argparse.Namespace, image, labelmap, catalog, provenan
                 for value, name in enumerate(labelmap.names, start=1)]
     written = write_output(labelmap.labels, image.geometry, args.out, segments=segments, source_path=args.image)
     for value, (name, quality) in enumerate(zip(labelmap.names, labelmap.quality), start=1):
-        print(f"{name}: {int((labelmap.labels == value).sum())} voxels, predicted quality (Dice) {quality:.2f}")
+        measure = "mean confidence" if labelmap.engine == "one_pass" else "predicted quality (Dice)"
+        print(f"{name}: {int((labelmap.labels == value).sum())} voxels, {measure} {quality:.2f}")
     print(f"wrote {written}")
     if args.overlay:
         print(f"wrote {render_overlay(image, labelmap.labels, args.overlay, title=', '.join(labelmap.names))}")

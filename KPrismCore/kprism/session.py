@@ -53,8 +53,9 @@ class LabelmapResult:
 
     labels: np.ndarray
     names: list[str]
-    quality: list[float]  # predicted Dice per class, averaged over slices
+    quality: list[float]  # prompted: predicted Dice per class, averaged over slices; one pass: mean confidence inside it
     geometry: Geometry
+    engine: str = "prompted"  # "prompted" or "one_pass"
 
 
 class Cancelled(RuntimeError):
@@ -316,7 +317,8 @@ class KPrismSession:
             labels = clean_labels(labels, len(class_names), largest_component, fill_holes)
         with np.errstate(invalid="ignore"):
             mean_quality = [float(np.nanmean(q)) if np.isfinite(q).any() else float("nan") for q in quality]
-        return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry)
+        return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry,
+                              "one_pass" if one_pass else "prompted")
 
     @torch.inference_mode()
     def _class_head_slices(self, indices: Sequence[int], class_ids: Sequence[int], progress: Optional[Progress] = None):

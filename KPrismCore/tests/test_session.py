@@ -269,7 +269,7 @@ def test_one_pass_label_map_is_the_class_heads_argmax_on_the_source_grid(one_pas
     volume = np.random.default_rng(3).normal(size=(3, 36, 44)).astype(np.float32)
     session.set_image(volume, geometry=oblique_geometry(), modality="mri")
     result = session.segment_semantic_labels(["ring", "disk"], engine="one_pass")
-    assert result.labels.shape == volume.shape and result.names == ["ring", "disk"]
+    assert result.labels.shape == volume.shape and result.names == ["ring", "disk"] and result.engine == "one_pass"
     canonical = np.zeros(session._view.canonical_shape, np.int64)
     for index in range(session.num_slices):
         inputs = session._model_input(session.canonical_slice(index), "mri", False, session._range)[None]
@@ -293,7 +293,7 @@ def test_engine_choice_is_checked(session, one_pass_session):
         session.segment_semantic_labels(["disk"], engine="fast")
     one_pass_session.set_image(np.zeros((2, 16, 16), np.float32))
     prompted = one_pass_session.segment_semantic_labels(["disk"], engine="prompted")
-    assert prompted.labels.shape == (2, 16, 16)
+    assert prompted.labels.shape == (2, 16, 16) and prompted.engine == "prompted"
 
 
 def test_one_pass_run_can_be_cancelled(one_pass_session):
