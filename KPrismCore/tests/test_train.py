@@ -297,3 +297,22 @@ def test_class_head_objective_without_the_head_or_unknown_module_is_refused(data
         Trainer(config(dataset, tmp_path / "a", objective="class_head"), show_progress=False)
     with pytest.raises(ValueError, match=r"train_only names \['decoderr'\]"):
         Trainer(config(dataset, tmp_path / "b", train_only=["decoderr"]), show_progress=False)
+
+
+def test_class_head_targets_treat_other_modalities_classes_as_absent():
+    from kprism.catalog import ClassCatalog
+    from kprism.data.slices import SliceBank, SliceRecord
+    from kprism.train.class_head import ClassTargetBuilder
+
+    bank = SliceBank(size=8)
+    image, labels = torch.zeros(3, 8, 8), torch.zeros(8, 8, dtype=torch.uint8)
+    labels[:2] = 1
+    for dataset, name in (("CT1", "liver"), ("MR1", "heart"), ("MR2", "kidney"), ("XR", "lung")):
+        bank.add(image, labels, SliceRecord(dataset, "c", 0, 1), {1: name})
+    bank.modality.update({"CT1": "ct", "MR1": "mri", "MR2": "mri", "XR": "x-ray"})
+    catalog = ClassCatalog.from_names(["heart", "kidney", "liver", "lung"])
+    builder = ClassTargetBuilder(bank, catalog)
+    known = {d: sorted(catalog.names[i] for i in builder.known[d].tolist()) for d in ("CT1", "MR1", "XR")}
+    assert known["CT1"] == ["heart", "kidney", "liver", "lung"]  # no other CT set: everything else is absent
+    assert known["MR1"] == ["heart", "liver", "lung"]  # kidney is labelled on another MRI set: unknown here
+    assert known["XR"] == ["heart", "kidney", "liver", "lung"]

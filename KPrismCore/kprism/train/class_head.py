@@ -1,7 +1,10 @@
 """Training the one-pass class head: every labelled class of a slice supervises it at once.
 
 A slice from a dataset teaches every class that dataset labels (present ones as masks, absent ones
-as empty), and nothing about classes it does not label: a chest X-ray says nothing about "liver".
+as empty). Of the classes it does not label, those no dataset of its modality labels are taken as
+absent too: a CT slice holds no "nucleus" or "polyp", and saying so keeps those channels quiet when
+someone asks a CT for every class. Classes labelled in another dataset of the same modality stay
+unsupervised there (an ACDC heart MRI may well show a liver it does not label).
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ class ClassTargetBuilder:
         for name, pairs in bank.by_class.items():
             for slice_id, value in pairs:
                 self.value_names.setdefault(bank.records[slice_id].dataset, {})[value] = name
-        self.known = {dataset: torch.tensor(sorted(catalog.index(n) for n in names.values() if n in catalog))
-                      for dataset, names in self.value_names.items()}
+        by_modality: dict[str, set[str]] = {}
+        for dataset, names in self.value_names.items():
+            by_modality.setdefault(bank.modality.get(dataset, dataset), set()).update(names.values())
+        self.known = {}
+        for dataset, names in self.value_names.items():
+            same_modality = by_modality[bank.modality.get(dataset, dataset)]
+            known = set(names.values()) | {n for n in catalog.names if n not in same_modality}
+            self.known[dataset] = torch.tensor(sorted(catalog.index(n) for n in known if n in catalog))
         self.catalog = catalog
 
     def build(self, slice_ids: list[int], augmentation: Compose) -> ClassTargets:
