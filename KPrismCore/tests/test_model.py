@@ -160,3 +160,20 @@ def test_base_preset_builds_and_runs():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), Prompts(class_ids=torch.tensor([1])))
     assert out.logits.shape == (1, 1, 32, 32)
+
+
+def test_class_head_logits_for_chosen_classes_equal_the_full_pass():
+    import torch
+
+    from kprism.model import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", image_size=64, num_classes=5, class_head=True)).eval()
+    with torch.no_grad():
+        features = model.encode(torch.randn(2, 3, 64, 64))
+        full = model.segment_all(features)
+        chosen = torch.tensor([[4, 0], [2, 2]])
+        part = model.class_head.logits_for(model.class_head.pixel_features(features), chosen)
+    assert part.shape == (2, 2, 32, 32)
+    for b in range(2):
+        assert torch.allclose(part[b], full[b, chosen[b]], atol=1e-5)

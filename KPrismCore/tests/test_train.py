@@ -316,3 +316,17 @@ def test_class_head_targets_treat_other_modalities_classes_as_absent():
     assert known["CT1"] == ["heart", "kidney", "liver", "lung"]  # no other CT set: everything else is absent
     assert known["MR1"] == ["heart", "liver", "lung"]  # kidney is labelled on another MRI set: unknown here
     assert known["XR"] == ["heart", "kidney", "liver", "lung"]
+
+
+def test_class_head_scores_present_classes_and_a_few_known_absent_ones():
+    from kprism.train.class_head import ClassTargets, choose_channels
+
+    targets = ClassTargets(torch.zeros(2, 3, 8, 8), present=[torch.tensor([3]), torch.tensor([], dtype=torch.long)],
+                           masks=[torch.ones(1, 8, 8), torch.zeros(0, 8, 8)],
+                           known=[torch.tensor([0, 1, 3, 5, 6]), torch.tensor([2, 4])])
+    channels = choose_channels(targets, (4, 4), absent=2, rng=np.random.default_rng(0))
+    assert channels.classes.shape == (2, 3)
+    assert channels.classes[0, 0] == 3 and channels.present[0].tolist() == [True, False, False]
+    assert set(channels.classes[0, 1:].tolist()) <= {0, 1, 5, 6} and channels.valid[0].all()
+    assert set(channels.classes[1, :2].tolist()) == {2, 4} and channels.valid[1].tolist() == [True, True, False]
+    assert channels.masks[0, 0].min() == 1 and channels.masks[0, 1:].abs().sum() == 0

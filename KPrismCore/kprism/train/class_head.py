@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.utils import convert_to_tensor
@@ -61,18 +62,47 @@ class ClassTargetBuilder:
         return ClassTargets(torch.stack(images), present, masks, known)
 
 
-def class_head_loss(logits: torch.Tensor, targets: ClassTargets) -> torch.Tensor:
-    """BCE over each sample's known classes + soft Dice over the classes present, at the logits' grid."""
-    losses = []
-    for b in range(logits.shape[0]):
-        known = targets.known[b]
-        full = logits.new_zeros(logits.shape[1], *logits.shape[-2:])
-        if len(targets.present[b]):
-            full[targets.present[b]] = F.adaptive_avg_pool2d(targets.masks[b], logits.shape[-2:]).to(full.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits[b, known], full[known])
-        if len(targets.present[b]):
-            p = torch.sigmoid(logits[b, targets.present[b]]).flatten(1)
-            t = full[targets.present[b]].flatten(1)
-            loss = loss + (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-        losses.append(loss)
-    return torch.stack(losses).mean()
+@dataclass
+class ChannelBatch:
+    classes: torch.Tensor  # (B, K) catalog indices to score (padded with a repeat of a valid one)
+    valid: torch.Tensor  # (B, K) bool: a real entry, not padding
+    present: torch.Tensor  # (B, K) bool: the class is on the slice
+    masks: torch.Tensor  # (B, K, h, w) soft targets on the logits' grid
+
+
+def choose_channels(targets: ClassTargets, size: tuple[int, int], absent: int, rng: np.random.Generator) -> ChannelBatch:
+    """Every class present on each slice plus up to `absent` known-absent classes drawn at random.
+
+    Scoring a sample's few present classes and a handful of absent ones, rather than all 80 channels,
+    makes a step several times cheaper; over many steps every known-absent class is still drawn.
+    """
+    rows = []
+    for present, masks, known in zip(targets.present, targets.masks, targets.known):
+        others = np.setdiff1d(known.numpy(), present.numpy())
+        drawn = rng.choice(others, min(absent, len(others)), replace=False) if len(others) else np.zeros(0, np.int64)
+        classes = torch.cat([present, torch.from_numpy(np.asarray(drawn, dtype=np.int64))])
+        soft = torch.zeros(len(classes), *size)
+        if len(present):
+            soft[: len(present)] = F.adaptive_avg_pool2d(masks, size)
+        rows.append((classes, soft, len(present)))
+    width = max(1, max(len(c) for c, _, _ in rows))
+    batch = ChannelBatch(torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.bool),
+                         torch.zeros(len(rows), width, dtype=torch.bool), torch.zeros(len(rows), width, *size))
+    for i, (classes, soft, count) in enumerate(rows):
+        k = len(classes)
+        batch.classes[i, :k], batch.valid[i, :k], batch.present[i, :count], batch.masks[i, :k] = classes, True, True, soft
+    return batch
+
+
+def class_head_loss(logits: torch.Tensor, channels: ChannelBatch) -> torch.Tensor:
+    """BCE over the chosen classes + soft Dice over the present ones; logits (B, K, h, w) match `channels`."""
+    target = channels.masks.to(logits.device, logits.dtype)
+    valid, present = channels.valid.to(logits.device), channels.present.to(logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))  # (B, K)
+    loss = ((bce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+    if present.any():
+        p = torch.sigmoid(logits)
+        dice = 1 - (2 * (p * target).sum((2, 3)) + 1) / (p.sum((2, 3)) + target.sum((2, 3)) + 1)
+        per_sample = (dice * present).sum(1) / present.sum(1).clamp(min=1)
+        loss = loss + per_sample[present.any(1)].mean()
+    return loss

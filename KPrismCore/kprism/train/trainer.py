@@ -28,11 +28,14 @@ from ..model import KPrismModel, Prompts, build_model, preset, upsample_logits
 from ..runtime import autocast, resolve_device
 from ..weights import Checkpoint, file_sha256, read_checkpoint, save_checkpoint
 from .augment import augment_batch, build_augmentation
-from .class_head import ClassTargetBuilder, class_head_loss
+from .class_head import ClassTargetBuilder, choose_channels, class_head_loss
 from .interactions import correction_clicks, first_prompts
 from .losses import total_loss
 from .tasks import TaskBatch, TaskConfig, TaskSampler
 from .validate import validate, validation_items
+
+
+ABSENT_CLASSES_PER_SAMPLE = 8  # class-head training: known-absent classes scored per sample
 
 
 @dataclass
@@ -241,7 +244,10 @@ class Trainer:
         with autocast(self.device):
             with torch.set_grad_enabled(self.model.encoder.training):
                 features = self.model.encode(targets.images.to(self.device, memory_format=torch.channels_last))
-            loss = class_head_loss(self.model.segment_all(features).float(), targets)
+            pixels = self.model.class_head.pixel_features(features)
+            channels = choose_channels(targets, tuple(pixels.shape[-2:]), ABSENT_CLASSES_PER_SAMPLE, self.rng)
+            logits = self.model.class_head.logits_for(pixels, channels.classes.to(self.device))
+            loss = class_head_loss(logits.float(), channels)
         self._optimise(loss)
         value = float(loss.detach())
         return {"loss": value, "mask": value, "deep": 0.0, "balance": 0.0, "quality": 0.0}
