@@ -164,6 +164,17 @@ def test_propagate_carries_a_clicked_slice_into_its_neighbours(tmp_path):
     assert many.any(axis=(1, 2)).sum() >= one.any(axis=(1, 2)).sum()
 
 
+def test_cross_axes_propagation_writes_a_volume_and_needs_propagate(tmp_path):
+    oblique_ct(tmp_path / "ct.nii.gz")
+    (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [24, 20, 6], "positive": True}]}), encoding="utf-8")
+    out = tmp_path / "fused.nii.gz"
+    code = main(["segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--propagate", "--cross-axes",
+                 "--out", str(out), "--threads", "1"])
+    assert code == 0 and sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(tmp_path / "ct.nii.gz")).GetSize()
+    result = run("segment", str(tmp_path / "ct.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--cross-axes", "--out", str(tmp_path / "x.nii.gz"))
+    assert result.returncode != 0 and "--cross-axes refines --propagate" in result.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
 def test_several_classes_make_one_label_map_with_named_segments(tmp_path):
     from kprism.samples import sample_path
 

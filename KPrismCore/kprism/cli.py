@@ -26,6 +26,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", type=int, default=0, help="3D slicing axis of the LPS view: 0 axial (default), 1 coronal, 2 sagittal")
     p.add_argument("--propagate", action="store_true",
                    help="3D: carry the result on the last prompted slice through the neighbouring slices")
+    p.add_argument("--cross-axes", action="store_true",
+                   help="with --propagate: propagate again along the other two axes and average (about 3× the time)")
     p.add_argument("--engine", default="auto", choices=["auto", "one_pass", "prompted"],
                    help="several --classes: 'one_pass' = the class head, every class from one pass per slice (seconds for "
                         "a whole CT); 'prompted' = one decoder pass per class; 'auto' = one_pass when the model has the head")
@@ -102,6 +104,8 @@ def _segment(args: argparse.Namespace) -> int:
     interactive = bool(args.init_mask or (prompts and not prompts.is_empty()))
     if len(classes) > 1 and interactive:
         raise ValueError("Prompts and --init-mask refine one structure: give a single class with them.")
+    if args.cross_axes and not args.propagate:
+        raise ValueError("--cross-axes refines --propagate: give both.")
     if not (classes or args.reference or interactive):
         raise ValueError("Nothing to segment: give --classes, --reference, --prompts or --init-mask.")
 
@@ -137,8 +141,8 @@ def _segment(args: argparse.Namespace) -> int:
     if args.propagate:
         if len(results) != 1:
             raise ValueError("--propagate carries one structure: use it with prompts, --init-mask or a single class.")
-        results = {next(iter(results)): session.propagate()}
-        provenance["propagate"] = True
+        results = {next(iter(results)): session.propagate(cross_axes=args.cross_axes)}
+        provenance["propagate"] = "cross_axes" if args.cross_axes else True
 
     labels, segments = _label_map(results, session.catalog)
     for segment in segments:

@@ -444,7 +444,7 @@ class KPrismSession:
 
     def propagate(
         self, start: Optional[int] = None, *, min_quality: float = 0.15, min_area_ratio: float = 0.2,
-        stop_when_unchanged: Optional[float] = 0.97, progress: Optional[Progress] = None,
+        stop_when_unchanged: Optional[float] = 0.97, progress: Optional[Progress] = None, cross_axes: bool = False,
     ) -> SegmentationResult:
         """Carry the target's mask on slice `start` through the neighbouring slices, both ways.
 
@@ -454,6 +454,11 @@ class KPrismSession:
         `min_quality`, when the mask shrinks below `min_area_ratio` of the previous slice's, or —
         after a correction — when a slice comes out as it already was (Dice ≥ `stop_when_unchanged`),
         so that only the affected range is redone. One `undo()` takes the whole propagation back.
+
+        `cross_axes=True` then propagates the result again along the two other canonical axes, each
+        from its slice that cuts the structure widest, and averages the three probability volumes: a
+        coronal or sagittal slice shows the structure's whole cranio-caudal extent, so ends that the
+        first pass stopped short of can still be reached. It costs two more passes of encoding.
         """
         self._require_image()
         if self.image.ndim != 3:
@@ -493,7 +498,28 @@ class KPrismSession:
                 done += 1
                 if progress:
                     progress(done, self.num_slices - 1)
+        if cross_axes:
+            self._fuse_cross_axes(min_quality, min_area_ratio, first_in_group=not group)
         return self.result()  # type: ignore[return-value]
+
+    def _fuse_cross_axes(self, min_quality: float, min_area_ratio: float, first_in_group: bool) -> None:
+        """Averages the current volume with its re-propagation along the other two axes (one undo step)."""
+        mask = self._volume >= 0.5
+        probabilities = [self._volume]
+        for axis in (a for a in range(3) if a != self.axis):
+            helper = KPrismSession(self.model, catalog=self.catalog, device=str(self.device), threads=self.threads)
+            helper.set_image(self.image, axis=axis)
+            helper.set_prior_mask(self._view.from_canonical(mask))
+            widest = int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis))))
+            helper.propagate(widest, min_quality=min_quality, min_area_ratio=min_area_ratio, stop_when_unchanged=None)
+            probabilities.append(helper._volume)  # the same canonical view, so the same array layout
+        fused = np.mean(probabilities, axis=0, dtype=np.float32)
+        for index in range(self.num_slices):
+            old = self._slice_of(self._volume, index)
+            if not np.array_equal(old, np.take(fused, index, axis=self.axis)):
+                self._history.append((index, self._slices.get(index), old.copy(), self._quality[index], not first_in_group))
+                first_in_group = False
+        self._volume[...] = fused
 
     def undo(self) -> Optional[SegmentationResult]:
         """Take back the last interaction (a multi-slice box or scribble counts as one)."""

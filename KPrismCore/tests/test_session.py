@@ -211,6 +211,22 @@ def test_propagation_reaches_every_slice_when_nothing_stops_it_and_undoes_as_one
     np.testing.assert_array_equal(session.result().probability, before)
 
 
+def test_cross_axis_fusion_averages_three_passes_and_undoes_with_the_propagation(session):
+    volume = np.random.default_rng(13).normal(size=(8, 24, 28)).astype(np.float32)
+    session.set_image(volume, modality="mri")
+    session.add_click([12, 10, 3])
+    before = session.result().probability.copy()
+    single = session.propagate(min_quality=0.0, min_area_ratio=0.0, stop_when_unchanged=None).probability.copy()
+    session.undo()
+    fused = session.propagate(min_quality=0.0, min_area_ratio=0.0, stop_when_unchanged=None, cross_axes=True).probability
+    assert fused.shape == volume.shape and 0 <= fused.min() and fused.max() <= 1
+    # Each of the three passes is a probability, so the mean cannot stray further than 2/3 from the first.
+    assert np.abs(fused - single).max() <= 2 / 3 + 1e-6 and not np.array_equal(fused, single)
+    assert session.is_encoded(3) and session.axis == 0  # the helpers along other axes leave this session alone
+    session.undo()  # one undo takes back the propagation and the fusion
+    np.testing.assert_array_equal(session.result().probability, before)
+
+
 def test_propagation_stops_where_the_quality_says_the_structure_ends(session):
     volume = np.random.default_rng(11).normal(size=(9, 32, 32)).astype(np.float32)
     session.set_image(volume, modality="mri")
