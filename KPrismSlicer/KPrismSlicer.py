@@ -46,8 +46,7 @@ class KPrismSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = KPrismSlicerLogic()
-        self.ui.propagateButton.connect("clicked(bool)", lambda: self._prompt(
-            lambda session: session.propagate(cross_axes=self.ui.crossAxesCheckBox.checked)))
+        self.ui.propagateButton.connect("clicked(bool)", lambda: self._prompt(lambda s: s.propagate(cross_axes=self.ui.crossAxesCheckBox.checked)))
         self.ui.progressBar.hide()
         for widget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
             widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
