@@ -83,8 +83,10 @@ def test_demo_writes_segmentations_and_an_overview(tmp_path):
     result = run("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "demo" / "overview.png").stat().st_size > 50_000
-    assert len(list((tmp_path / "demo").glob("*.seg.nrrd"))) == 3
-    assert "semantic: lung" in result.stdout
+    assert len(list((tmp_path / "demo").glob("*.seg.nrrd"))) == 4  # the bundled model has the one-pass class head
+    assert "semantic: lung" in result.stdout and "CT classes in one pass" in result.stdout
+    labels, _, segments = read_segmentation(tmp_path / "demo" / "ct_all_classes.seg.nrrd")
+    assert len(segments) == 66 and len(np.unique(labels)) > 10  # many organs, one label map
 
 
 def test_output_equal_to_input_is_refused(tmp_path):

@@ -76,6 +76,20 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
     panels.append({"image": ct, "labels": result.mask, "slice_index": shown_slice, "points": clicks,
                    "title": f"{len(clicks)} clicks on CT {CT_CLASS}  Dice {dice(prediction, organ[k]):.3f}"})
 
+    # 5. Every CT class of the sample at once, from the one-pass class head (when the model has one).
+    if session.model.class_head is not None:
+        values = {n: v for n, v in json.loads(sample_path("ct", "labels.json").read_text(encoding="utf-8")).items()
+                  if v and n in session.catalog}
+        organs = session.segment_semantic_labels(list(values))
+        found = [dice(organs.labels == i + 1, labels == v) for i, v in enumerate(values.values()) if (labels == v).any()]
+        key = f"semantic: {len(values)} CT classes in one pass (mean Dice)"
+        scores[key] = float(np.mean(found))
+        segments = [{"name": n, "value": i + 1, "color": session.catalog.entry(n).color} for i, n in enumerate(values)]
+        write_output(organs.labels.astype(np.uint8), ct.geometry, out / "ct_all_classes.seg.nrrd", segments=segments)
+        panels.append({"image": ct, "labels": organs.labels, "slice_index": shown_slice,
+                       "colors": {s["value"]: s["color"] for s in segments},
+                       "title": f"{len(values)} CT classes, one pass  mean Dice {scores[key]:.3f}"})
+
     overview = render_panels(panels, out / "overview.png", columns=3)
     elapsed = time.perf_counter() - started
     print("KPrism demo: bundled model on bundled sample cases (Dice against their truth):")
