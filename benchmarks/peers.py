@@ -175,12 +175,14 @@ def main() -> None:
         if args.peers_only:
             continue
         ours_timings = Timings()
-        items = evaluate_dataset(session, dataset, ("semantic", "incontext", "interactive"), references=(1,),
+        modes = ("semantic", "onepass", "incontext", "interactive") if session.model.class_head is not None else ("semantic", "incontext", "interactive")
+        items = evaluate_dataset(session, dataset, modes, references=(1,),
                                  max_clicks=args.clicks, max_cases=args.max_cases, timings=ours_timings)
         ours = summarise(items, ours_timings, cap=args.clicks)
         ours_curves = [i.scores["interactive"]["curve"] for i in items]
         entry = {
-            "ours": {"semantic": ours.get("semantic", {}).get("dice_mean"), "incontext_1": ours["incontext_1"]["dice_mean"],
+            "ours": {"semantic": ours.get("semantic", {}).get("dice_mean"), "onepass": ours.get("onepass", {}).get("dice_mean"),
+                     "incontext_1": ours["incontext_1"]["dice_mean"],
                      "curve": np.mean(ours_curves, axis=0).tolist(), "noc90": mean([noc(c, 0.9, args.clicks) for c in ours_curves]),
                      "click_ms": ours["interactive"]["latency_ms"], "targets": len(items)},
             **peers,
@@ -218,7 +220,7 @@ def markdown(results: dict) -> str:
         "registration and our in-context mode get the same reference case. Reproduce with the command in `benchmarks/README.md`.",
         "",
         "| dataset | ours 1 / 5 / 20 clicks | GrowCut 1 / 5 / 20 clicks | NoC@90 ours / GrowCut | ours 5 clicks vs LiteMedSAM box | "
-        "in-context: ours vs registration | semantic: ours vs UNet |",
+        "in-context: ours vs registration | semantic: ours (prompted / one-pass) vs UNet |",
         "|---|---|---|---|---|---|---|",
     ]
     wins = []
@@ -229,11 +231,11 @@ def markdown(results: dict) -> str:
             f"| {name.split('_', 1)[1]} | {_f(_at(ours['curve'], 1))} / {_f(_at(ours['curve'], 5))} / {_f(_at(ours['curve'], n))} | "
             f"{_f(_at(gc['curve'], 1))} / {_f(_at(gc['curve'], 5))} / {_f(_at(gc['curve'], n))} | {_f(ours['noc90'], 1)} / {_f(gc['noc90'], 1)} | "
             f"{_f(_at(ours['curve'], 5))} vs {_f(d['litemedsam_box']['dice'])} | {_f(ours['incontext_1'])} vs {_f(d['registration']['dice'])} | "
-            f"{_f(ours['semantic'])} vs {_f(unet)} |")
+            f"{_f(ours['semantic'])} / {_f(ours.get('onepass'))} vs {_f(unet)} |")
         comparisons = [("GrowCut (5 clicks)", _at(gc["curve"], 5), _at(ours["curve"], 5)),
                        ("LiteMedSAM (box vs our 5 clicks)", d["litemedsam_box"]["dice"], _at(ours["curve"], 5)),
                        ("registration (in-context)", d["registration"]["dice"], ours["incontext_1"]),
-                       ("UNet specialist (semantic)", unet, ours["semantic"])]
+                       ("UNet specialist (semantic, vs the better of our prompted and one-pass)", unet, max(v for v in (ours["semantic"], ours.get("onepass")) if v is not None))]
         for peer, theirs, mine in comparisons:
             if theirs is not None and mine is not None and theirs > mine:
                 wins.append(f"- {name.split('_', 1)[1]}: {peer} wins by {theirs - mine:.3f} Dice ({theirs:.3f} vs {mine:.3f}).")

@@ -85,6 +85,7 @@ starts from the previous stage's weights, checked by hash):
 
 Wall times are of the runs themselves on 2 CPU cores, with other benchmarks sharing the machine at times.
 {_speed_lines(speed or [])}
+
 - Data: the `imagesTr` split of each dataset (volumes as axial slices of the canonical LPS view);
   `imagesTs` was never trained on.
 
