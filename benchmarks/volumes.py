@@ -21,9 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from kprism.data.interaction import click_kprism, dice  # noqa: E402
+from kprism.data.interaction import dice  # noqa: E402
 from kprism.data.nnunet_v2 import load_dataset  # noqa: E402
 from kprism.evaluate.peers.growcut import GrowCutSession3D  # noqa: E402
+from kprism.evaluate.protocols import click_source_slice  # noqa: E402
 from kprism.session import KPrismSession  # noqa: E402
 
 DATASETS = ["Dataset006_TotalSegCT", "Dataset007_TotalSegMR"]
@@ -35,15 +36,9 @@ def one_structure(session: KPrismSession, volume: np.ndarray, truth: np.ndarray)
     """Five clicks on the largest axial slice (array axis 0), then the three ways to 3D."""
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     session.reset()
-    clicks, prediction = [], np.zeros_like(truth[k])
-    for _ in range(CLICKS):
-        click = click_kprism(prediction, truth[k])
-        if click is None:
-            break
-        row, col = click.point
-        prediction = session.add_click([col, row, k], positive=click.positive).mask[k] > 0
-        clicks.append((k, row, col, click.positive))
+    clicks = [(k, *c.point, c.positive) for c in click_source_slice(session, truth, k, CLICKS)]
     single = session.result().mask > 0
+    prediction = single[k]
     start_slice = session.locate([clicks[0][2], clicks[0][1], k])[0]
     start = time.perf_counter()
     propagated = session.propagate(start_slice).mask > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.interaction import click_kprism, dice
+from .evaluate.protocols import click_source_slice
 from .io import read_image, read_mask, render_panels, write_output
 from .samples import sample_path
 from .session import KPrismSession, Reference
@@ -61,16 +62,11 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
     organ = labels == value
     k = int(np.argmax(organ.sum(axis=(1, 2))))  # the axial slice (array axis 0) with the most liver
     session.set_image(ct)
-    clicks, prediction = [], np.zeros_like(organ[k])
-    for _ in range(CT_CLICKS):
-        click = click_kprism(prediction, organ[k])
-        if click is None:
-            break
-        row, col = click.point
-        result = session.add_click([col, row, k], positive=click.positive)  # IJK = [column, row, slice]
-        shown_slice, (shown_row, shown_col) = session.locate([col, row, k])  # where the overview draws it
-        clicks.append((shown_row, shown_col, click.positive))
-        prediction = result.mask[k] > 0
+    given = click_source_slice(session, organ, k, CT_CLICKS)
+    result = session.result()
+    prediction = result.mask[k] > 0
+    shown_slice = session.locate([0, 0, k])[0]  # where the overview draws slice k and the clicks on it
+    clicks = [(*session.locate([c.point[1], c.point[0], k])[1], c.positive) for c in given]
     scores[f"interactive: CT {CT_CLASS}, {len(clicks)} clicks (slice Dice)"] = dice(prediction, organ[k])
     _write(out / f"ct_{CT_CLASS}_clicks.seg.nrrd", result.mask, ct, CT_CLASS, session)
     panels.append({"image": ct, "labels": result.mask, "slice_index": shown_slice, "points": clicks,

@@ -198,15 +198,18 @@ class KPrismSession:
     def _model_input(self, image: np.ndarray, modality: str, is_rgb: bool, value_range) -> torch.Tensor:
         return resize_image(normalize_slice(image, modality, is_rgb, value_range), self.size)
 
+    def _slice_inputs(self, indices: Sequence[int]) -> torch.Tensor:
+        """(B, C, S, S) normalised model inputs of the given slices."""
+        return torch.stack([self._model_input(self.canonical_slice(i), self.image.modality, self.image.is_rgb, self._range)
+                            for i in indices])
+
     def features(self, indices: Sequence[int], progress: Optional[Progress] = None) -> list[ImageFeatures]:
         """Features of the given slices, encoding the missing ones in batches."""
         self._require_image()
         missing = [i for i in indices if i not in self._cache]
         for start in range(0, len(missing), ENCODE_BATCH):
             batch = missing[start : start + ENCODE_BATCH]
-            inputs = torch.stack([self._model_input(self.canonical_slice(i), self.image.modality, self.image.is_rgb, self._range)
-                                  for i in batch])
-            encoded = self._encode(inputs)
+            encoded = self._encode(self._slice_inputs(batch))
             for n, i in enumerate(batch):
                 self._cache.put(i, ImageFeatures(encoded.embedding[n : n + 1],
                                                  tuple(s[n : n + 1] for s in encoded.skips)))  # type: ignore[arg-type]
@@ -329,10 +332,9 @@ class KPrismSession:
         select = torch.tensor(class_ids)
         for start in range(0, len(indices), ENCODE_BATCH):
             chunk = list(indices[start : start + ENCODE_BATCH])
-            inputs = torch.stack([self._model_input(self.canonical_slice(i), self.image.modality, self.image.is_rgb, self._range)
-                                  for i in chunk])
+            features = self._encode(self._slice_inputs(chunk))
             with torch_threads(self.threads), autocast(self.device):
-                logits = self.model.segment_all(self.model.encode(inputs.to(self.device)))[:, select].float().cpu()
+                logits = self.model.segment_all(features)[:, select].float().cpu()
             probability = torch.sigmoid(logits)
             # Confidence: mean probability where the class wins (the head has no quality token).
             best, winner = logits.max(1)

@@ -207,6 +207,22 @@ def click_curve(session: KPrismSession, item: Item, truth: np.ndarray, rule: str
     return {"curve": curve, "nsd": nsd(prediction, truth, item.spacing, NSD_TOLERANCE)}
 
 
+def click_source_slice(session: KPrismSession, truth: np.ndarray, k: int, count: int, rule: str = "kprism") -> list:
+    """Up to `count` simulated clicks on slice `k` (array axis 0) of the source volume, each placed on that
+    slice's current error by `rule`; stops early once the slice is perfect. Returns the clicks given
+    (points as (row, column) of the slice); the result is `session.result()`."""
+    choose = CLICK_RULES[rule]
+    prediction, clicks = np.zeros_like(truth[k]), []
+    for _ in range(count):
+        click = choose(prediction, truth[k])
+        if click is None:
+            break
+        row, col = click.point
+        prediction = session.add_click([col, row, k], positive=click.positive).mask[k] > 0  # IJK = [column, row, slice]
+        clicks.append(click)
+    return clicks
+
+
 def scribble_score(session: KPrismSession, item: Item, truth: np.ndarray, case: Case) -> dict:
     """One positive scribble inside the target (line kind, seeded by the case), Dice of the result."""
     session.reset()

@@ -5,7 +5,7 @@ class token), which costs one mask-head pass per class and slice: 66 CT organs Ã
 ~20 000 passes. This head shares a single upsampling path across classes and ends in one 1Ã—1
 convolution with a channel per class, so a whole-volume label map costs one pass per slice.
 It reads the same encoder features as the promptable decoder and is trained on them frozen
-(stage 3 of the default model), so adding it changes no prompted result.
+(stage 2 of the default model), so adding it changes no prompted result.
 """
 
 from __future__ import annotations
