@@ -49,6 +49,11 @@ VOLUME_SPACING = (0.8, 0.9, 2.5)  # i, j, k
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, database=None)
 
 
+def noise(shape) -> np.ndarray:
+    """A non-constant float image (constant images are refused, as they hold nothing to segment)."""
+    return np.random.default_rng(len(shape)).normal(100, 30, shape).astype(np.float32)
+
+
 class WorkStarted(Exception):
     """Raised by a stand-in for the model: the command got past its checks and started working."""
 
@@ -341,7 +346,8 @@ def test_one_d_and_four_d_inputs_are_refused_naming_the_file(tmp_path, capsys, n
 
 
 @pytest.mark.parametrize("content", ["nan_and_inf", "all_nan", "constant"])
-def test_non_finite_and_constant_volumes_give_a_valid_label_map(tmp_path, capsys, content):
+def test_non_finite_and_constant_volumes_are_refused_and_write_nothing(tmp_path, capsys, content):
+    # Issue 10 (I01–I03): a model answers even a flat grey input, so these are refused, not segmented.
     array = blob(dtype=np.float32)
     if content == "nan_and_inf":
         array[0, :5] = np.nan
@@ -351,14 +357,14 @@ def test_non_finite_and_constant_volumes_give_a_valid_label_map(tmp_path, capsys
         array[:] = np.nan
     else:
         array[:] = 7.0
-    image = write_image(tmp_path / "scan.nii.gz", array, spacing=VOLUME_SPACING)
+    write_image(tmp_path / "scan.nrrd", array, spacing=VOLUME_SPACING)
     out = tmp_path / "liver.nii.gz"
 
-    code, _, err = segment(capsys, tmp_path / "scan.nii.gz", "--classes", "liver", "--out", out)
+    code, _, err = segment(capsys, tmp_path / "scan.nrrd", "--classes", "liver", "--out", out)
 
-    assert code == 0, err
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert same_grid(out, image) and set(np.unique(labels).tolist()) <= {0, 1}
+    assert code == 1
+    assert ("NaN or infinite" if content != "constant" else "no contrast") in err
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------- session edge cases
@@ -382,27 +388,25 @@ def _nan_picture(shape=(30, 40)) -> np.ndarray:
     return image
 
 
-_NAN_PROMPTS = {
-    "semantic": lambda s, shape: s.segment_semantic(["a"])["a"],
-    "click": lambda s, shape: s.add_click([12, 10]),
-    "box": lambda s, shape: s.add_box([2, 1], [30, 25]),
-    "scribble": lambda s, shape: s.add_scribble(np.pad(np.ones((4, 6), bool), ((8, shape[0] - 12), (8, shape[1] - 14)))),
-    "in_context": lambda s, shape: s.segment_in_context([Reference(ImageData(_nan_picture((24, 24))),
-                                                                   np.pad(np.ones((10, 10)), 7))]),
-    "prior_then_click": lambda s, shape: (s.set_prior_mask(np.eye(*shape, dtype=np.uint8)), s.add_click([3, 3]))[1],
-}
+def test_nan_and_inf_pixels_are_refused_for_the_image_and_for_a_reference(tiny_session):
+    tiny_session.set_image(np.random.default_rng(4).normal(size=(30, 40)).astype(np.float32))
+    clean = tiny_session.add_click([12, 10])
 
-
-@pytest.mark.parametrize("prompt", list(_NAN_PROMPTS))
-def test_nan_and_inf_pixels_give_finite_probabilities_for_every_prompt(tiny_session, prompt):
-    image = _nan_picture()
-    tiny_session.set_image(image)
-
-    assert_valid(_NAN_PROMPTS[prompt](tiny_session, image.shape), image.shape)
+    with pytest.raises(ValueError, match="voxels that are NaN or infinite"):
+        tiny_session.set_image(_nan_picture())
+    with pytest.raises(ValueError, match="Reference 1's image .* voxels that are NaN or infinite"):
+        tiny_session.segment_in_context([Reference(ImageData(_nan_picture((24, 24))), np.pad(np.ones((10, 10)), 7))])
+    assert same_snapshot(snapshot(tiny_session.result()), snapshot(clean))  # the refusals changed nothing
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 50), (3, 1, 1), (2, 300)])
-def test_degenerate_shapes_are_segmented_on_their_own_grid(tiny_session, shape):
+def test_degenerate_shapes_are_refused_as_too_small(tiny_session, shape):
+    with pytest.raises(ValueError, match="too small to segment"):
+        tiny_session.set_image(np.random.default_rng(2).random(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 300), (3, 8, 8), (1, 8, 9)])
+def test_smallest_accepted_shapes_are_segmented_on_their_own_grid(tiny_session, shape):
     tiny_session.set_image(np.random.default_rng(2).random(shape).astype(np.float32))
 
     assert_valid(tiny_session.segment_semantic(["b"])["b"], shape)
@@ -411,7 +415,7 @@ def test_degenerate_shapes_are_segmented_on_their_own_grid(tiny_session, shape):
 
 
 def test_unknown_class_in_a_session_lists_the_known_ones(tiny_session):
-    tiny_session.set_image(np.zeros((16, 16), np.float32))
+    tiny_session.set_image(noise((16, 16)))
     before = snapshot(tiny_session.result())
 
     with pytest.raises(UnknownClassError, match=r"Unknown class 'c'.*Known classes: a, b"):
@@ -421,7 +425,7 @@ def test_unknown_class_in_a_session_lists_the_known_ones(tiny_session):
 
 @pytest.mark.parametrize("method", ["add_scribble", "set_prior_mask"])
 def test_session_masks_of_another_shape_are_refused_and_change_nothing(tiny_session, method):
-    tiny_session.set_image(np.zeros((20, 24), np.float32))
+    tiny_session.set_image(noise((20, 24)))
     tiny_session.add_click([5, 5])
     before = snapshot(tiny_session.result())
 
@@ -1017,7 +1021,7 @@ def test_killed_batch_leaves_only_complete_outputs_and_a_rerun_finishes_the_rest
 # ----------------------------------------------------------------------------------------------- prompt properties
 
 PICTURE = np.random.default_rng(11).normal(100, 30, (30, 40)).astype(np.float32)  # rows × columns
-VOLUME = np.random.default_rng(12).normal(100, 30, (4, 20, 24)).astype(np.float32)  # k × j × i
+VOLUME = np.random.default_rng(12).normal(100, 30, (8, 20, 24)).astype(np.float32)  # k × j × i (8: the smallest slice side)
 
 
 def _use(session: KPrismSession, image: np.ndarray, axis: int = 0) -> None:
@@ -1084,12 +1088,12 @@ def test_any_clicks_on_a_picture_give_a_valid_result_or_change_nothing(tiny_sess
 
 @PROPERTY_SETTINGS
 @given(axis=st.sampled_from([0, 1, 2]),
-       clicks=st.lists(st.tuples(_point((24, 20, 4)), st.booleans()), min_size=1, max_size=4))
+       clicks=st.lists(st.tuples(_point((24, 20, 8)), st.booleans()), min_size=1, max_size=4))
 def test_any_clicks_on_a_volume_change_one_slice_or_nothing(tiny_session, axis, clicks):
     _use(tiny_session, VOLUME, axis)
     for (i, j, k), positive in clicks:
         before, result = _apply_or_refuse(tiny_session, tiny_session.add_click, [i, j, k], positive,
-                                          inside=_inside((i, j, k), (24, 20, 4)))
+                                          inside=_inside((i, j, k), (24, 20, 8)))
         if result is not None:
             assert_valid(result, VOLUME.shape)
             clicked = int(np.round([k, j, i][axis]))
@@ -1111,11 +1115,11 @@ def test_any_box_on_a_picture_gives_a_valid_result_or_changes_nothing(tiny_sessi
 
 @PROPERTY_SETTINGS
 @given(axis=st.sampled_from([0, 1, 2]),
-       corners=st.tuples(_point((24, 20, 4)), _point((24, 20, 4))))
+       corners=st.tuples(_point((24, 20, 8)), _point((24, 20, 8))))
 def test_any_box_on_a_volume_changes_only_the_slices_it_spans(tiny_session, axis, corners):
     _use(tiny_session, VOLUME, axis)
     first, second = corners
-    inside = [_inside(first, (24, 20, 4)), _inside(second, (24, 20, 4))]
+    inside = [_inside(first, (24, 20, 8)), _inside(second, (24, 20, 8))]
     expected = False if False in inside else (True if inside == [True, True] else None)
     before, result = _apply_or_refuse(tiny_session, tiny_session.add_box, list(first), list(second),
                                       inside=expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,17 +21,21 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="comma-separated class names (semantic); see `kprism models list`")
     p.add_argument("--reference", nargs=2, action="append", metavar=("IMAGE", "MASK"),
                    help="an in-context example: an image and a mask of the structure (repeatable)")
+    p.add_argument("--reference-label", type=int, metavar="VALUE",
+                   help="which label of a multi-label reference mask marks the structure (required for such masks)")
     p.add_argument("--prompts", help="prompts.json with points, boxes and scribbles (schema in the README)")
     p.add_argument("--init-mask", help="a mask to refine (on the image grid, or resampled onto it)")
-    p.add_argument("--modality", help="ct, mri, x-ray, ultrasound, ... (default: from the file, else unknown)")
+    p.add_argument("--modality", help="ct, mri, x-ray, ultrasound, ... (default: the DICOM tag, else inferred from the "
+                                      "intensities: Hounsfield-like values are CT, anything else is normalised by percentiles)")
     p.add_argument("--axis", type=int, default=0, help="3D slicing axis of the LPS view: 0 axial (default), 1 coronal, 2 sagittal")
     p.add_argument("--propagate", action="store_true",
                    help="3D: carry the result on the last prompted slice through the neighbouring slices")
     p.add_argument("--cross-axes", action="store_true",
                    help="with --propagate: propagate again along the other two axes and average (about 3× the time)")
     p.add_argument("--engine", default="auto", choices=["auto", "one_pass", "prompted"],
-                   help="several --classes: 'one_pass' = the class head, every class from one pass per slice (seconds for "
-                        "a whole CT); 'prompted' = one decoder pass per class; 'auto' = one_pass when the model has the head")
+                   help="--classes: 'one_pass' = the class head, every class from one pass per slice (seconds for a whole "
+                        "CT; says 'absent' for classes not in the image); 'prompted' = one decoder pass per class token; "
+                        "'auto' = one_pass when the model has the head")
     p.add_argument("--name", default="segment", help="segment name for in-context / interactive results")
     p.add_argument("--overlay", help="also write a PNG quick look here")
     _add_runtime(p)
@@ -39,7 +44,21 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name or .safetensors path (default: the bundled kprism-tiny)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--threads", type=int, help="CPU threads (default: 2 at most)")
+    p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: 2 at most)")
+    p.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
+
+
+def _positive_int(option: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be a positive whole number, got {text!r}")
+        return value
+
+    return parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,15 +91,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train = sub.add_parser("train", help="Train a model from a YAML or JSON config (see configs/).")
     train.add_argument("config")
     args = parser.parse_args(argv)
+    commands = {"segment": _segment, "demo": _demo, "models": _models, "eval": _eval, "train": _train}
+    with _one_line_warnings():
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            print("kprism: interrupted; no output was written partially.", file=sys.stderr)
+            return 130
+        except (ValueError, OSError, RuntimeError) as error:  # kprism's own errors name the input and the fix
+            print(f"kprism: error: {_one_line(error)}", file=sys.stderr)
+            _print_traceback(args)
+            return 1
+        except Exception as error:  # anything else: one line naming the input, the traceback only on request
+            where = getattr(args, "image", None) or getattr(args, "config", None) or args.command
+            print(f"kprism: error: {where}: unexpected {type(error).__name__}: {_one_line(error)} "
+                  "(run with --debug for details)", file=sys.stderr)
+            _print_traceback(args)
+            return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _print_traceback(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings (repeated classes, untrusted in-context results, …) as one line each, without source lines."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"kprism: warning: {_one_line(message)}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
     try:
-        commands = {"segment": _segment, "demo": _demo, "models": _models, "eval": _eval, "train": _train}
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        print("kprism: interrupted; no output was written partially.", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"kprism: error: {error}", file=sys.stderr)
-        return 1
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _session(args: argparse.Namespace):
@@ -92,13 +146,13 @@ def _session(args: argparse.Namespace):
 def _segment(args: argparse.Namespace) -> int:
     from .io import check_output_path, read_image, read_mask, render_overlay, write_output
     from .prompt_file import apply_prompts, load_prompt_file
-    from .session import Reference
+    from .session import Reference, unique_class_names
 
     check_output_path(args.out, args.image)  # fail before any work
     if args.overlay:
         check_output_path(args.overlay, args.image, suffixes=(".png",))
     prompts = load_prompt_file(args.prompts) if args.prompts else None
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else []
+    classes = unique_class_names([c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else [])
     if classes and args.reference:
         raise ValueError("Use either --classes (semantic) or --reference (in-context), not both.")
     interactive = bool(args.init_mask or (prompts and not prompts.is_empty()))
@@ -108,6 +162,8 @@ def _segment(args: argparse.Namespace) -> int:
         raise ValueError("--cross-axes refines --propagate: give both.")
     if not (classes or args.reference or interactive):
         raise ValueError("Nothing to segment: give --classes, --reference, --prompts or --init-mask.")
+    if args.reference_label is not None and not args.reference:
+        raise ValueError("--reference-label picks a label of a --reference mask: give --reference IMAGE MASK too.")
 
     image = read_image(args.image, modality=args.modality)
     check_output_path(args.out, args.image, ndim=image.ndim)
@@ -115,23 +171,26 @@ def _segment(args: argparse.Namespace) -> int:
     for name in classes:
         session.catalog.index(name)  # unknown names fail here, listing the known ones
     session.set_image(image, axis=args.axis)
+    print(f"modality: {session.modality_choice}")
     progress = _progress_printer("segmenting") if image.ndim == 3 else None
-    provenance: dict = {"model": str(args.model or "kprism-tiny")}
+    provenance: dict = {"model": str(args.model or "kprism-tiny"), "modality": session.modality_choice.modality}
     results = {}
     if len(classes) > 1:
         # Several classes straight into one label map: memory does not grow with the class count.
         labelmap = session.segment_semantic_labels(classes, progress=progress, engine=args.engine)
         return _write_labelmap(args, image, labelmap, session.catalog, {**provenance, "classes": classes})
     if classes:
-        results = session.segment_semantic(classes, progress=progress)
+        results = session.segment_semantic(classes, progress=progress, engine=args.engine)
         provenance["classes"] = classes
     elif args.reference:
         refs = []
         for ref_image, ref_mask in args.reference:
             ref = read_image(ref_image)
-            refs.append(Reference(ref, read_mask(ref_mask, reference=ref).array))
+            refs.append(Reference(ref, read_mask(ref_mask, reference=ref).array, label=args.reference_label))
         results = {args.name: session.segment_in_context(refs, progress=progress)}
         provenance["references"] = [list(r) for r in args.reference]
+        if args.reference_label is not None:
+            provenance["reference_label"] = args.reference_label
     if args.init_mask:
         results = {classes[0] if classes else args.name: session.set_prior_mask(read_mask(args.init_mask, reference=image).array)}
         provenance["init_mask"] = args.init_mask
@@ -149,7 +208,7 @@ def _segment(args: argparse.Namespace) -> int:
         segment["tags"] = {"KPrism.Provenance": json.dumps(provenance)}
     written = write_output(labels, image.geometry, args.out, segments=segments, source_path=args.image)
     for name, result in results.items():
-        print(f"{name}: {int(result.mask.sum())} voxels, predicted quality (Dice) {result.quality:.2f}")
+        print(_result_line(name, int(result.mask.sum()), result.quality, result.quality_kind))
     print(f"wrote {written}")
     if args.overlay:
         print(f"wrote {render_overlay(image, labels, args.overlay, title=', '.join(results))}")
@@ -164,11 +223,19 @@ def _write_labelmap(args: argparse.Namespace, image, labelmap, catalog, provenan
     written = write_output(labelmap.labels, image.geometry, args.out, segments=segments, source_path=args.image)
     for value, (name, quality) in enumerate(zip(labelmap.names, labelmap.quality), start=1):
         measure = "mean confidence" if labelmap.engine == "one_pass" else "predicted quality (Dice)"
-        print(f"{name}: {int((labelmap.labels == value).sum())} voxels, {measure} {quality:.2f}")
+        print(_result_line(name, int((labelmap.labels == value).sum()), quality, measure))
     print(f"wrote {written}")
     if args.overlay:
         print(f"wrote {render_overlay(image, labelmap.labels, args.overlay, title=', '.join(labelmap.names))}")
     return 0
+
+
+def _result_line(name: str, voxels: int, quality: float, measure: str) -> str:
+    if voxels == 0:
+        return f"{name}: not found (0 voxels)"
+    if quality != quality:  # NaN: the session distrusts the result and has warned why
+        return f"{name}: {voxels} voxels, {measure} unknown (not trusted, see the warning)"
+    return f"{name}: {voxels} voxels, {measure} {quality:.2f}"
 
 
 def _label_map(results: dict, catalog) -> tuple[np.ndarray, list[dict]]:

@@ -50,8 +50,9 @@ def normalize_slice(
     """
     array = _check_finite(np.asarray(array)).astype(np.float32, copy=False)
     if is_rgb:
-        scale = 255.0 if array.max(initial=0) <= 255 else float(array.max())
-        channels = np.moveaxis(array, -1, 0) / max(scale, 1e-6)
+        low = min(0.0, float(array.min(initial=0)))  # 8-bit pictures keep 0–255; anything else its own range
+        scale = 255.0 if low == 0 and array.max(initial=0) <= 255 else float(array.max(initial=0)) - low
+        channels = (np.moveaxis(array, -1, 0) - low) / max(scale, 1e-6)
     elif modality.lower() in CT_NAMES:
         channels = np.stack([np.clip((array - (lvl - wid / 2)) / wid, 0, 1) for lvl, wid in CT_WINDOWS])
     else:

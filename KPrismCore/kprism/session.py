@@ -10,6 +10,7 @@ grid of the image.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -18,10 +19,14 @@ import torch
 
 from .catalog import ClassCatalog
 from .image import CoordinateSystem, Geometry, ImageData
+from .image_checks import check_informative, check_pixel_type
 from .label_fusion import winning_labels
 from .model import KPrismModel, Prompts, upsample_logits
 from .model.encoder import ImageFeatures
+from .modality import ModalityChoice, choose_modality
 from .orientation import CanonicalView
+from .data.interaction import dice
+from .reference_agreement import Agreement, ReferenceMismatchWarning
 from .preprocess import intensity_range, normalize_slice, resize_image, resize_mask, to_model_points
 from .runtime import autocast, default_threads, resolve_device, torch_threads
 from .slice_cache import FeatureCache
@@ -41,6 +46,7 @@ class SegmentationResult:
     geometry: Geometry
     threshold: float = 0.5
     slice_quality: Optional[np.ndarray] = None  # per slice along the session axis (3D only)
+    quality_kind: str = "predicted quality (Dice)"  # or "mean confidence" from the one-pass class head
 
     @property
     def mask(self) -> np.ndarray:
@@ -56,6 +62,16 @@ class LabelmapResult:
     quality: list[float]  # prompted: predicted Dice per class, averaged over slices; one pass: mean confidence inside it
     geometry: Geometry
     engine: str = "prompted"  # "prompted" or "one_pass"
+
+
+def unique_class_names(class_names: Union[str, Sequence[str]]) -> list[str]:
+    """The names in order with repeats removed (a repeat would only add an empty, same-named segment); warns."""
+    names = [class_names] if isinstance(class_names, str) else list(class_names)
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        warnings.warn(f"Repeated class names are segmented once: {', '.join(repeated)}.", stacklevel=3)
+    return unique
 
 
 class Cancelled(RuntimeError):
@@ -90,6 +106,7 @@ class Reference:
     image: ImageData
     mask: np.ndarray
     slice_index: Optional[int] = None  # for a 3D reference; default the slice with the largest mask
+    label: Optional[int] = None  # which value of a multi-label mask marks the structure (required then)
 
 
 @dataclass
@@ -140,6 +157,9 @@ class KPrismSession:
         self.size = self.model.config.image_size
         self._cache = FeatureCache(int(cache_mb * 2**20), torch.float16 if cache_float16 else torch.float32)
         self.image: Optional[ImageData] = None
+        self.axis = 0
+        self.modality_choice: Optional[ModalityChoice] = None
+        self.reset()  # a fresh session answers undo(), result() and last_slice with None
 
     # ----------------------------------------------------------------------------- image
     def set_image(
@@ -153,19 +173,28 @@ class KPrismSession:
         """Set the 2D image or 3D volume to segment; nothing is encoded until a prompt needs it.
 
         `axis` (3D only) is the canonical array axis slices are taken along: 0 axial, 1 coronal,
-        2 sagittal.
+        2 sagittal. Without a modality (argument or the image's own), it is inferred from the
+        intensities (`kprism.modality`: Hounsfield-like values → CT); `modality_choice` says which
+        and why. Images without information are refused (`kprism.image_checks`): NaN or infinite
+        voxels, a constant image, slices under 8×8 pixels, complex or boolean arrays. A refused
+        image leaves the session as it was.
         """
         if not isinstance(image, ImageData):
-            image = ImageData(np.asarray(image), geometry, modality or "unknown", is_rgb)
-        elif modality:
-            image = ImageData(image.array, image.geometry, modality, image.is_rgb)
+            array = np.asarray(image)
+            check_pixel_type(array)
+            image = ImageData(array, geometry, modality or "unknown", is_rgb)
         if image.array.size == 0:
             raise ValueError(f"The image is empty (shape {image.array.shape}).")
         if axis not in (0, 1, 2) or (image.ndim == 2 and axis != 0):
             raise ValueError(f"axis must be 0, 1 or 2 for a volume (0 for a 2D image); got {axis}.")
-        self.image = image
-        self.axis = axis
-        self._view = CanonicalView.of(image.geometry, image.spatial_shape)
+        view = CanonicalView.of(image.geometry, image.spatial_shape)
+        shape = view.canonical_shape
+        check_informative(image.array, shape if len(shape) == 2 else [s for a, s in enumerate(shape) if a != axis])
+        choice = choose_modality(image.array, modality or image.modality, image.is_rgb)
+        if choice.modality != image.modality:
+            image = ImageData(image.array, image.geometry, choice.modality, image.is_rgb)
+        self.image, self.axis, self.modality_choice = image, axis, choice
+        self._view = view
         self._canonical = self._view.to_canonical(image.array)
         self._range = intensity_range(image.array, image.modality, image.is_rgb)
         self._cache.clear()
@@ -258,23 +287,35 @@ class KPrismSession:
 
     # ----------------------------------------------------------------------------- semantic
     def segment_semantic(
-        self, class_names: Sequence[str], slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None
+        self, class_names: Sequence[str], slices: Optional[Iterable[int]] = None, progress: Optional[Progress] = None,
+        engine: str = "auto",
     ) -> dict[str, SegmentationResult]:
-        """One result per class name. With a single class, it becomes the target to refine."""
+        """One result per class name. With a single class, it becomes the target to refine.
+
+        `engine` as in `segment_semantic_labels`; "auto" takes the one-pass class head when the model
+        has one. The head was trained to say "absent" (a class no dataset of the image's modality
+        labels, e.g. the prostate on a chest X-ray) where the class-token decoder, which always finds
+        *something*, marked the lungs with a predicted quality of 0.98. Its `quality` is then the
+        mean confidence inside the class (NaN where the class was not found). Refinement by clicks
+        keeps the class token as the knowledge prompt either way.
+        """
         self._require_image()
-        if isinstance(class_names, str):
-            class_names = [class_names]
-        if not class_names:
-            raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
+        class_names = self._unique_classes(class_names)
+        one_pass = self._use_one_pass(engine)
         class_ids = [self.catalog.index(name) for name in class_names]
         indices = list(range(self.num_slices)) if slices is None else list(slices)
         volumes = {name: self._empty_volume() for name in class_names}
         qualities = {name: np.full(self.num_slices, np.nan, dtype=np.float32) for name in class_names}
-        for index, logits, quality in self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress):
+        source = (self._class_head_slices(indices, class_ids, progress) if one_pass
+                  else self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress))
+        for index, logits, quality in source:
             for n, name in enumerate(class_names):
                 self._write_slice(volumes[name], index, self._to_slice_grid(logits[n]))
                 qualities[name][index] = quality[n]
         results = {name: self._result(volumes[name], qualities[name]) for name in class_names}
+        if one_pass:
+            for result in results.values():
+                result.quality_kind = "mean confidence"
         if len(class_names) == 1:
             self._start_target(Prompts(class_ids=torch.tensor(class_ids)), volumes[class_names[0]], qualities[class_names[0]])
         return results
@@ -297,18 +338,12 @@ class KPrismSession:
         predicted Dice (prompted) or the class head's mean confidence inside the class (one pass).
         """
         self._require_image()
-        class_names = [class_names] if isinstance(class_names, str) else list(class_names)
-        if not class_names:
-            raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
-        if engine not in ("auto", "one_pass", "prompted"):
-            raise ValueError(f"engine must be 'auto', 'one_pass' or 'prompted', not {engine!r}.")
-        if engine == "one_pass" and self.model.class_head is None:
-            raise ValueError("This model has no one-pass class head; use engine='prompted' (or 'auto').")
+        class_names = self._unique_classes(class_names)
+        one_pass = self._use_one_pass(engine)
         class_ids = [self.catalog.index(name) for name in class_names]
         labels = np.zeros(self._view.canonical_shape, dtype=np.uint8 if len(class_names) < 255 else np.uint16)
         quality = np.full((len(class_names), self.num_slices), np.nan, dtype=np.float32)
         indices = list(range(self.num_slices)) if slices is None else list(slices)
-        one_pass = engine == "one_pass" or (engine == "auto" and self.model.class_head is not None)
         source = (self._class_head_slices(indices, class_ids, progress) if one_pass
                   else self._decode_slices(indices, Prompts(class_ids=torch.tensor(class_ids)), progress))
         for index, logits, slice_quality in source:
@@ -322,6 +357,19 @@ class KPrismSession:
             mean_quality = [float(np.nanmean(q)) if np.isfinite(q).any() else float("nan") for q in quality]
         return LabelmapResult(self._view.from_canonical(labels), class_names, mean_quality, self.image.geometry,
                               "one_pass" if one_pass else "prompted")
+
+    def _unique_classes(self, class_names: Union[str, Sequence[str]]) -> list[str]:
+        names = unique_class_names(class_names)
+        if not names:
+            raise ValueError(f"Give at least one class name; known classes: {', '.join(self.catalog.names)}.")
+        return names
+
+    def _use_one_pass(self, engine: str) -> bool:
+        if engine not in ("auto", "one_pass", "prompted"):
+            raise ValueError(f"engine must be 'auto', 'one_pass' or 'prompted', not {engine!r}.")
+        if engine == "one_pass" and self.model.class_head is None:
+            raise ValueError("This model has no one-pass class head; use engine='prompted' (or 'auto').")
+        return engine == "one_pass" or (engine == "auto" and self.model.class_head is not None)
 
     @torch.inference_mode()
     def _class_head_slices(self, indices: Sequence[int], class_ids: Sequence[int], progress: Optional[Progress] = None):
@@ -366,19 +414,37 @@ class KPrismSession:
         for index, logits, quality in self._decode_slices(indices, knowledge, progress):
             self._write_slice(volume, index, self._to_slice_grid(logits[0]))
             qualities[index] = quality[0]
+        self.reference_agreement = self._check_reference_agreement(knowledge, volume, indices)
+        if self.reference_agreement.problem():
+            qualities[:] = np.nan  # a predicted Dice of 0.98 would say "trust me" where nothing supports it
         self._start_target(knowledge, volume, qualities)
         return self._result(volume, qualities)
 
+    def _check_reference_agreement(self, knowledge: Prompts, volume: np.ndarray, indices: Sequence[int]) -> Agreement:
+        """Ask again with the reference masks inverted, on the slice where the result is largest."""
+        areas = [int((self._slice_of(volume, i) >= 0.5).sum()) for i in indices]
+        index = indices[int(np.argmax(areas))]
+        inverted_masks = 1 - knowledge.ref_masks
+        if areas[int(np.argmax(areas))] == 0 or not bool((inverted_masks > 0).any()):
+            return Agreement(float("nan"), index)  # nothing claimed, or a reference marking everything
+        inverted = Prompts(ref_features=knowledge.ref_features, ref_masks=inverted_masks)
+        logits, _ = self._decode(self.features([index])[0], inverted)
+        agreement = Agreement(dice(self._slice_of(volume, index) >= 0.5, self._to_slice_grid(logits[0]) >= 0.5), index)
+        problem = agreement.problem()
+        if problem:
+            warnings.warn(f"In-context result not trusted: {problem}.", ReferenceMismatchWarning, stacklevel=3)
+        return agreement
+
     def _reference_input(self, reference: Reference, number: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = reference.image
-        mask = np.asarray(reference.mask)
-        if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
-            raise ValueError(f"Reference {number + 1}: the mask contains NaN or infinite values.")
-        mask = mask > 0
-        if not mask.any():
-            raise ValueError(f"Reference {number + 1}: the mask is empty; it must mark the structure to find.")
+        if not isinstance(image, ImageData):
+            raise TypeError(f"Reference {number + 1}: the image must be a kprism ImageData (kprism.io.read_image), "
+                            f"not {type(image).__name__}.")
+        mask = _reference_mask(reference, number)
         if mask.shape != image.spatial_shape:
-            # Another grid (e.g. a mask saved at another size): resample onto the reference image.
+            # A mask saved at another size is scaled onto the reference image, but only a uniform scale:
+            # stretching a mask of another aspect ratio would mark the wrong place.
+            _check_uniform_scale(mask.shape, image.spatial_shape, f"Reference {number + 1}")
             mask = _resize_nearest(mask, image.spatial_shape)
         view = CanonicalView.of(image.geometry, image.spatial_shape)
         array, mask = view.to_canonical(image.array), view.to_canonical(mask)
@@ -389,12 +455,15 @@ class KPrismSession:
             array, mask = np.take(array, index, axis=axis), np.take(mask, index, axis=axis)
             if not mask.any():
                 raise ValueError(f"Reference {number + 1}: slice {index} of the mask is empty.")
-        value_range = intensity_range(image.array, image.modality, image.is_rgb)
-        return (self._model_input(array, image.modality, image.is_rgb, value_range), resize_mask(mask, self.size))
+        check_informative(array, array.shape[:2], what=f"Reference {number + 1}'s image (on the masked slice)")
+        modality = choose_modality(image.array, image.modality, image.is_rgb).modality
+        value_range = intensity_range(image.array, modality, image.is_rgb)
+        return (self._model_input(array, modality, image.is_rgb, value_range), resize_mask(mask, self.size))
 
     # ----------------------------------------------------------------------------- interactive
     def add_click(self, point: Sequence[float], positive: bool = True, coordinates: CoordinateSystem = "ijk") -> SegmentationResult:
         """A click at a point: IJK index ([column, row] on a 2D image) or a physical RAS/LPS point."""
+        _require_bool(positive, "positive")
         index, (row, col) = self.locate(point, coordinates)
         x, y = to_model_points(np.array([[row, col]]), self._slice_shape(), self.size)[0]
         return self._interact(index, lambda state: state.points.append((float(x), float(y), int(positive))))
@@ -402,6 +471,7 @@ class KPrismSession:
     def add_scribble(self, mask: np.ndarray, positive: bool = True) -> SegmentationResult:
         """A scribble given as a binary mask on the image grid (every slice it touches is updated)."""
         self._require_image()
+        _require_bool(positive, "positive")
         mask = np.asarray(mask)
         if mask.shape != self.image.spatial_shape:
             raise ValueError(f"The scribble mask has shape {mask.shape}; the image has {self.image.spatial_shape}.")
@@ -490,7 +560,7 @@ class KPrismSession:
                 old = self._slice_of(self._volume, index)
                 self._history.append((index, self._slices.get(index), old.copy(), self._quality[index], group))
                 group = True
-                unchanged = stop_when_unchanged is not None and old.any() and _dice(old >= 0.5, mask) >= stop_when_unchanged
+                unchanged = stop_when_unchanged is not None and old.any() and dice(old >= 0.5, mask) >= stop_when_unchanged
                 self._write_slice(self._volume, index, probability)
                 self._quality[index] = quality[0]
                 if unchanged:
@@ -632,9 +702,50 @@ class KPrismSession:
         )
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+def _require_bool(value: object, name: str) -> None:
+    # int("false") fails with an unclear message and bool("false") is True: accept real booleans only.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__}).")
+
+
+def _reference_mask(reference: Reference, number: int) -> np.ndarray:
+    """The reference's binary mask: its non-zero voxels, or those equal to `label` in a multi-label mask."""
+    what = f"Reference {number + 1}"
+    if reference.mask is None:
+        raise ValueError(f"{what}: the mask is None; give an array marking the structure to find (non-zero inside).")
+    mask = np.asarray(reference.mask)
+    if not np.issubdtype(mask.dtype, np.number) and mask.dtype != np.bool_:
+        raise ValueError(f"{what}: the mask has the non-numeric type {mask.dtype}; give an integer label array.")
+    if np.issubdtype(mask.dtype, np.floating) and not np.isfinite(mask).all():
+        raise ValueError(f"{what}: the mask contains NaN or infinite values.")
+    labels = np.unique(mask[mask != 0]) if mask.dtype != np.bool_ else np.array([1])
+    if reference.label is not None:
+        if reference.label not in labels:
+            raise ValueError(f"{what}: the mask has no voxel of label {reference.label}; its labels are "
+                             f"{_label_list(labels)}.")
+        return mask == reference.label
+    if labels.size > 1:
+        raise ValueError(f"{what}: the mask holds {labels.size} labels ({_label_list(labels)}); say which one marks "
+                         "the structure (--reference-label VALUE, or Reference(..., label=VALUE)).")
+    mask = mask > 0
+    if not mask.any():
+        raise ValueError(f"{what}: the mask is empty; it must mark the structure to find.")
+    return mask
+
+
+def _label_list(labels: np.ndarray, shown: int = 12) -> str:
+    values = [v.item() for v in labels[:shown]]
+    return ", ".join(map(str, values)) + (f", … ({labels.size} in all)" if labels.size > shown else "")
+
+
+def _check_uniform_scale(mask_shape: tuple[int, ...], image_shape: tuple[int, ...], what: str) -> None:
+    if len(mask_shape) != len(image_shape):
+        raise ValueError(f"{what}: the mask has {len(mask_shape)} dimensions but its image has {len(image_shape)}.")
+    scale = image_shape[-1] / mask_shape[-1]
+    # Within a pixel of rounding on every side: a half- or double-size mask, not another aspect ratio.
+    if any(abs(m * scale - n) > max(1.0, scale) for m, n in zip(mask_shape, image_shape)):
+        raise ValueError(f"{what}: the mask is {'×'.join(map(str, mask_shape))} but its image is "
+                         f"{'×'.join(map(str, image_shape))}, another aspect ratio; give the mask on the image's grid.")
 
 
 def _resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
