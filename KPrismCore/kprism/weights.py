@@ -3,9 +3,13 @@
 A checkpoint is one safetensors file whose header metadata carries everything needed to rebuild
 the model (config, class catalog), so a file is usable on its own, without the manifest.
 
+Every file records the sha256 of its tensor data (metadata key `tensors_sha256`), checked on each
+read, so a damaged or modified file is refused wherever it comes from, even without a manifest entry.
+
 Weights are looked for in a fixed order: an explicit file, the copy bundled with the package, the
 Hugging Face Hub cache, and only when asked (and not offline) a download. Nothing but the last
-step touches the network, so a missing file fails fast instead of waiting on connection retries.
+step touches the network, so a missing file fails fast instead of waiting on connection retries;
+the download itself gives up within seconds when the Hub does not answer.
 """
 
 from __future__ import annotations
@@ -14,25 +18,43 @@ import hashlib
 import importlib.resources
 import json
 import os
-import secrets
-from contextlib import contextmanager
+import threading
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Mapping, TypeVar
 
 import huggingface_hub
+import huggingface_hub.constants  # a submodule: `huggingface_hub.constants` is not importable as an attribute
 import torch
-from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from kprism.atomic import atomic_path
 from kprism.catalog import ClassCatalog
 from kprism.model.config import KPrismConfig
+
+try:  # huggingface_hub 1.x and later talk HTTP through httpx2, whose errors are not OSErrors
+    from httpx2 import HTTPError as _HubTransportError
+    from httpx2 import TimeoutException as _HubTimeout
+except ImportError:  # older huggingface_hub uses requests, whose errors are OSErrors
+    _HubTransportError, _HubTimeout = OSError, TimeoutError
+
+# What a failed Hub request raises: HfHubHTTPError and OfflineModeIsEnabled are OSErrors.
+_HUB_ERRORS: tuple[type[Exception], ...] = (OSError, EntryNotFoundError, _HubTransportError)
 
 FORMAT_NAME = "kprism"
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = "kprism-tiny"
+TENSORS_SHA256_KEY = "tensors_sha256"  # metadata key of the tensor-data hash, see `tensors_sha256`
+
+# One Hub request before a download, with this connect/read timeout and no retries (HF_HUB_ETAG_TIMEOUT,
+# when set, replaces it); a clock bounds the whole request, name lookup included, at the timeout plus
+# HUB_LOOKUP_MARGIN_S. So without a network a download fails in seconds, not minutes.
+HUB_TIMEOUT_S = 3.0
+HUB_LOOKUP_MARGIN_S = 2.0
 
 # Real directories, not just importable resources: safetensors memory-maps the file by path.
 MANIFEST_PATH = Path(str(importlib.resources.files("kprism") / "models.json"))
@@ -40,9 +62,19 @@ BUNDLED_DIR = Path(str(importlib.resources.files("kprism") / "weights"))
 
 _DOWNLOAD_ADVICE = "Run `kprism models download {name}` when online, or pass a local file with --model PATH."
 
+T = TypeVar("T")
+
 
 class WeightsError(RuntimeError):
     """Weights that cannot be found, read or trusted; the message says which file and what to do."""
+
+
+class MissingTensorHashWarning(UserWarning):
+    """A checkpoint written before kprism recorded tensor hashes: it loads, but damage goes unnoticed."""
+
+
+class _DeadlinePassed(TimeoutError):
+    """A Hub request still running when its wall-clock deadline passed."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +86,8 @@ class Checkpoint:
     catalog: ClassCatalog
     training: dict[str, Any]
     path: Path
-    sha256: str
+    sha256: str  # of the whole file
+    tensors_sha256: str | None = None  # recorded in the file and checked; None in files older than the hash
 
 
 @dataclass(frozen=True)
@@ -86,14 +119,18 @@ class ModelInfo:
 # Hashing
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, remembered per (path, mtime, size) so repeated loads do not rehash."""
+    """Hex sha256 of a file, remembered per (path, inode, mtime, size) so repeated loads do not rehash.
+
+    The inode is part of the key because atomic rewrites replace it: a file rewritten with the same
+    size within the file system's timestamp granularity still gets a fresh hash.
+    """
     path = Path(path).resolve()
     stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = _hash_file(path)
     return _HASH_CACHE[key]
@@ -118,26 +155,44 @@ def _check_sha256(path: Path, expected: str, name: str = "NAME") -> str:
     return actual
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of tensor data, independent of how a file lays the tensors out.
+
+    Tensors are hashed in name order, each as the JSON text `[name, dtype, shape]` followed by its
+    raw bytes, so a changed byte, name, dtype or shape changes the hash, while the header's order,
+    padding and offsets do not.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        digest.update(json.dumps([name, dtype, list(tensor.shape)]).encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _checked_tensor_hash(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The tensor hash recorded in the file, after checking it; None if the file records none."""
+    recorded = metadata.get(TENSORS_SHA256_KEY)
+    if recorded is not None and tensors_sha256(tensors) != recorded.lower():
+        raise WeightsError(
+            f"{path}: its tensor data do not match the sha256 recorded in it: corrupt or modified; "
+            "re-download or re-export it."
+        )
+    return recorded
+
+
+def _warn_missing_tensor_hash(path: Path) -> None:
+    warnings.warn(
+        f"{path} carries no tensor hash, so damage to its weights cannot be detected; add one by re-exporting "
+        f"it with kprism.weights.save_checkpoint (or kprism.weights.reexport_checkpoint('{path}')).",
+        MissingTensorHashWarning,
+        stacklevel=3,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint files
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` to write; on success it replaces `path` in one step.
-
-    Readers, and a crash mid-write, then never see a half-written file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -158,6 +213,14 @@ def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _write_checkpoint(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> str:
+    """Write tensors and metadata plus their tensor hash, whole or not at all; returns the file's sha256."""
+    metadata = {**metadata, TENSORS_SHA256_KEY: tensors_sha256(tensors)}
+    with atomic_path(path, suffix=".safetensors") as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+    return file_sha256(path)
+
+
 def save_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
@@ -165,8 +228,7 @@ def save_checkpoint(
     catalog: ClassCatalog,
     training: dict[str, Any] | None = None,
 ) -> str:
-    """Write `model` with its config and classes to one safetensors file; returns its sha256."""
-    path = Path(path)
+    """Write `model` with its config, classes and tensor hash to one safetensors file; returns its sha256."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -175,9 +237,20 @@ def save_checkpoint(
     }
     if training is not None:
         metadata["training"] = json.dumps(training)
-    with _atomic_path(path) as tmp:
-        save_file(_savable_state_dict(model), tmp, metadata=metadata)
-    return file_sha256(path)
+    return _write_checkpoint(_savable_state_dict(model), Path(path), metadata)
+
+
+def reexport_checkpoint(source: str | os.PathLike, target: str | os.PathLike | None = None) -> str:
+    """Rewrite a checkpoint so it records its tensor hash (in place unless `target`); returns the new sha256.
+
+    For files written before kprism recorded one. Tensors and all other metadata are copied unchanged;
+    a file whose recorded hash does not match is refused rather than blessed.
+    """
+    source = Path(source)
+    metadata, tensors = _read_safetensors(source)
+    _parse_metadata(metadata, source)  # only KPrism checkpoints
+    _checked_tensor_hash(source, metadata, tensors)
+    return _write_checkpoint(tensors, Path(target) if target is not None else source, dict(metadata))
 
 
 def _parse_metadata(metadata: dict[str, str] | None, path: Path) -> tuple[KPrismConfig, ClassCatalog, dict[str, Any]]:
@@ -203,22 +276,36 @@ def _parse_metadata(metadata: dict[str, str] | None, path: Path) -> tuple[KPrism
     return config, catalog, training
 
 
-def read_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None) -> Checkpoint:
-    """Read and check a checkpoint file; tensors are loaded on the CPU."""
-    path = Path(path)
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors on the CPU) of a safetensors file, or a WeightsError saying why not."""
     if not path.is_file():
         raise WeightsError(f"Checkpoint file {path} not found. Check the path, or see `kprism models list`.")
-    sha256 = _check_sha256(path, expected_sha256) if expected_sha256 else file_sha256(path)
     try:
         with safe_open(path, framework="pt") as f:
-            config, catalog, training = _parse_metadata(f.metadata(), path)
-            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as error:
         raise WeightsError(
             f"{path} is not a readable safetensors file ({error}); it is truncated, corrupt or of another "
             "format. Re-download it (`kprism models download NAME`) or export it again."
         ) from error
-    return Checkpoint(state_dict, config, catalog, training, path, sha256)
+
+
+def read_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None) -> Checkpoint:
+    """Read and check a checkpoint file (file hash if given, recorded tensor hash); tensors on the CPU.
+
+    A file without a recorded tensor hash (written before kprism recorded one) still loads, with a
+    MissingTensorHashWarning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Checkpoint file {path} not found. Check the path, or see `kprism models list`.")
+    sha256 = _check_sha256(path, expected_sha256) if expected_sha256 else file_sha256(path)
+    metadata, state_dict = _read_safetensors(path)
+    config, catalog, training = _parse_metadata(metadata, path)
+    recorded = _checked_tensor_hash(path, metadata, state_dict)
+    if recorded is None:
+        _warn_missing_tensor_hash(path)
+    return Checkpoint(state_dict, config, catalog, training, path, sha256, recorded)
 
 
 def _key_mismatch_error(path: Path, missing: list[str], unexpected: list[str]) -> WeightsError:
@@ -305,8 +392,8 @@ def update_manifest_entry(name: str, **updates: Any) -> ModelInfo:
     updated = [ModelInfo.from_dict({**asdict(m), **updates}) if m.name == name else m for m in models]
     # Field order of ModelInfo, two-space indent: rewrites give minimal, reviewable diffs.
     text = json.dumps([asdict(m) for m in updated], indent=2, ensure_ascii=False) + "\n"
-    with _atomic_path(MANIFEST_PATH) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_path(MANIFEST_PATH, suffix=".json") as temporary:
+        temporary.write_text(text, encoding="utf-8")
     return next(m for m in updated if m.name == name)
 
 
@@ -336,17 +423,85 @@ def _explicit_file(model: str | os.PathLike | None) -> Path | None:
 
 
 def _hub_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; this is the value its downloads obey.
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import; this is the value its downloads obey.
     return huggingface_hub.constants.HF_HUB_OFFLINE
 
 
-def _download(info: ModelInfo, cache_dir: str | os.PathLike | None) -> Path:
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (Hub errors span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _download_error(info: ModelInfo, cause: str) -> WeightsError:
+    return WeightsError(
+        f"Download of model {info.name!r} ({info.filename} from {huggingface_hub.constants.ENDPOINT}/{info.repo_id}) "
+        f"failed: {cause}. Check the network and proxy settings (HTTPS_PROXY), or work without the network: "
+        "pass a local file with --model PATH, or set HF_HUB_OFFLINE=1 to use local copies only."
+    )
+
+
+def _run_with_deadline(work: Callable[[], T], seconds: float) -> T:
+    """`work()` in a daemon thread; a TimeoutError if it has not finished after `seconds`.
+
+    Socket timeouts do not cover name lookups, so only a clock bounds a request's total time. A
+    thread still running is abandoned: its own socket timeouts end it, and it never blocks exit.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # handed to the caller, re-raised there
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="kprism-hub-request", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise _DeadlinePassed(f"no answer within {seconds:g} s, name lookup included")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _hub_timeout() -> float:
+    """Seconds to wait for the Hub: HF_HUB_ETAG_TIMEOUT if the user set it (a slow link), else HUB_TIMEOUT_S."""
+    configured = huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT
+    return float(configured) if configured != huggingface_hub.constants.DEFAULT_ETAG_TIMEOUT else HUB_TIMEOUT_S
+
+
+def _check_hub_answers(info: ModelInfo, timeout: float) -> None:
+    """One metadata request for the model file, with a short timeout and no retries.
+
+    Done before `hf_hub_download`, which retries a failed first request up to six times with a 60 s
+    timeout each (about 400 s through a proxy that never answers, 24 s when the name does not
+    resolve): a Hub that cannot be reached now fails here within `timeout` + HUB_LOOKUP_MARGIN_S.
+    """
+    url = huggingface_hub.hf_hub_url(info.repo_id, info.filename)
+    wait_longer = "set HF_HUB_ETAG_TIMEOUT to wait longer"
     try:
-        return Path(huggingface_hub.hf_hub_download(info.repo_id, info.filename, cache_dir=cache_dir))
-    except (EntryNotFoundError, HfHubHTTPError) as error:
-        raise WeightsError(
-            f"Download of {info.filename} from https://huggingface.co/{info.repo_id} failed: {error}"
-        ) from error
+        # retry_on_errors stays at its default, False: one attempt only.
+        _run_with_deadline(lambda: huggingface_hub.get_hf_file_metadata(url, timeout=timeout),
+                           timeout + HUB_LOOKUP_MARGIN_S)
+    except _DeadlinePassed as error:
+        raise _download_error(info, f"{error} ({wait_longer})") from error
+    except (_HubTimeout, TimeoutError) as error:
+        raise _download_error(info, f"no answer within {timeout:g} s ({_one_line(error)}; {wait_longer})") from error
+    except _HUB_ERRORS as error:
+        raise _download_error(info, _one_line(error)) from error
+
+
+def _download(info: ModelInfo, cache_dir: str | os.PathLike | None) -> Path:
+    timeout = _hub_timeout()
+    _check_hub_answers(info, timeout)
+    try:
+        downloaded = huggingface_hub.hf_hub_download(
+            info.repo_id, info.filename, cache_dir=cache_dir, etag_timeout=timeout
+        )
+    except _HUB_ERRORS as error:
+        raise _download_error(info, _one_line(error)) from error
+    return Path(downloaded)
 
 
 def _locate(info: ModelInfo, allow_download: bool, cache_dir: str | os.PathLike | None) -> Path:
@@ -429,24 +584,36 @@ def _manifest_disagreements(info: ModelInfo, checkpoint: Checkpoint) -> list[str
     return problems
 
 
+def _hash_notes(info: ModelInfo | None, checkpoint: Checkpoint) -> str:
+    """What the hashes proved about a checkpoint that loaded."""
+    if checkpoint.tensors_sha256 is None:
+        tensors = ("the file carries no tensor hash, so damaged weights cannot be detected: re-export it "
+                   "with kprism.weights.save_checkpoint (or kprism.weights.reexport_checkpoint) to add one")
+    else:
+        tensors = "tensor data match the sha256 recorded in the file"
+    if info is None:
+        manifest = "no manifest entry to compare the file hash with"
+    elif info.sha256:
+        manifest = "file sha256 matches the manifest"
+    else:
+        manifest = "the manifest has no sha256 yet"
+    return f"{tensors}; {manifest}"
+
+
 def verify_model(name_or_path: str | os.PathLike) -> tuple[bool, str]:
-    """Check that a local model is intact and loads strictly: (ok, human-readable message)."""
+    """Check that a local model is intact and loads strictly: (ok, human-readable one-line message)."""
     try:
         explicit = _explicit_file(name_or_path)
         info = None if explicit is not None else get_model_info(os.fspath(name_or_path))
-        _, catalog, checkpoint = load_model(name_or_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MissingTensorHashWarning)  # the message below says it instead
+            _, catalog, checkpoint = load_model(name_or_path)
     except WeightsError as error:
         return False, str(error)
     problems = _manifest_disagreements(info, checkpoint) if info else []
     if problems:
         return False, f"{checkpoint.path} does not match manifest entry {info.name}: {'; '.join(problems)}."
-    if info is None:
-        hash_note = "no manifest entry to compare the hash with"
-    elif info.sha256:
-        hash_note = "sha256 matches the manifest"
-    else:
-        hash_note = "the manifest has no sha256 yet, so only the file structure was checked"
     return True, (
         f"{checkpoint.path}: OK, {len(checkpoint.state_dict)} tensors, {len(catalog)} classes, "
-        f"sha256 {checkpoint.sha256} ({hash_note})."
+        f"sha256 {checkpoint.sha256} ({_hash_notes(info, checkpoint)})."
     )

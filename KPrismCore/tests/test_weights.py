@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -60,7 +63,20 @@ def no_network(monkeypatch):
             pytest.fail(f"network access attempted: hf_hub_download{args}")
         return REAL_HF_HUB_DOWNLOAD(*args, **kwargs)
 
+    def no_metadata_request(url, **kwargs):
+        pytest.fail(f"network access attempted: get_hf_file_metadata({url})")
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", local_only)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_metadata_request)
+
+
+@pytest.fixture
+def hub_answers(monkeypatch) -> list[dict]:
+    """The Hub answers the metadata request made before a download; returns the requests made."""
+    requests = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kwargs: requests.append({"url": url, **kwargs}))
+    return requests
 
 
 @pytest.fixture
@@ -135,6 +151,7 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     assert metadata["format"] == "kprism" and metadata["format_version"] == "1"
+    assert metadata["tensors_sha256"] == weights.tensors_sha256(weights._savable_state_dict(model))
     assert json.loads(metadata["config"]) == json.loads(json.dumps(CONFIG.to_dict()))
     assert json.loads(metadata["classes"]) == json.loads(json.dumps(CATALOG.to_list()))
 
@@ -143,6 +160,7 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert checkpoint.catalog.to_list() == CATALOG.to_list()
     assert checkpoint.training == {"steps": 10, "datasets": ["a"]}
     assert (checkpoint.path, checkpoint.sha256) == (path, sha)
+    assert checkpoint.tensors_sha256 == metadata["tensors_sha256"]
     expected = model.state_dict()
     assert checkpoint.state_dict.keys() == expected.keys()  # both names of the tied weight are kept
     for name, tensor in expected.items():
@@ -333,28 +351,28 @@ def test_no_download_unless_allowed(manifest, tmp_path, monkeypatch):
         weights.resolve_weights(cache_dir=tmp_path / "empty-cache")
 
 
-def test_download_is_the_last_resort(manifest, checkpoint_file, tmp_path, monkeypatch):
+def test_download_is_the_last_resort(manifest, checkpoint_file, tmp_path, monkeypatch, hub_answers):
     calls = []
 
-    def fake_hub(repo_id, filename, *, cache_dir, local_files_only=False):
+    def fake_hub(repo_id, filename, *, cache_dir, local_files_only=False, **kwargs):
         calls.append(local_files_only)
         if local_files_only:
             raise LocalEntryNotFoundError("not cached")
         return str(checkpoint_file)
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub)
     assert weights.resolve_weights(allow_download=True, cache_dir=tmp_path) == checkpoint_file
     assert calls == [True, False]
+    assert len(hub_answers) == 1 and hub_answers[0]["timeout"] == weights.HUB_TIMEOUT_S
 
 
-def test_failed_download_is_reported(manifest, tmp_path, monkeypatch):
-    def unreachable(repo_id, filename, *, cache_dir, local_files_only=False):
+def test_failed_download_is_reported(manifest, tmp_path, monkeypatch, hub_answers):
+    def unreachable(repo_id, filename, *, cache_dir, local_files_only=False, **kwargs):
         raise LocalEntryNotFoundError("connection error")
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    with pytest.raises(WeightsError, match=r"3\. Download of kprism-tiny.safetensors .* failed: connection error"):
+    with pytest.raises(WeightsError, match=r"3\. Download of model 'kprism-tiny' \(kprism-tiny.safetensors from .*\) "
+                                           r"failed: LocalEntryNotFoundError: connection error"):
         weights.resolve_weights(allow_download=True, cache_dir=tmp_path)
 
 
@@ -367,8 +385,7 @@ def test_download_model_refuses_when_offline(manifest, monkeypatch):
         weights.download_model("kprism-tiny")
 
 
-def test_download_model_checks_the_hash(manifest, checkpoint_file, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+def test_download_model_checks_the_hash(manifest, checkpoint_file, monkeypatch, hub_answers):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: str(checkpoint_file))
     manifest(sha256=hashlib.sha256(checkpoint_file.read_bytes()).hexdigest())
     assert weights.download_model("kprism-tiny") == checkpoint_file
@@ -397,3 +414,183 @@ def test_verify_a_named_model_against_the_manifest(manifest, checkpoint_file, st
     manifest(sha256=sha, classes=["liver"])
     ok, message = weights.verify_model("kprism-tiny")
     assert not ok and "differ from the manifest" in message
+
+
+# --- tensor hash ---------------------------------------------------------------------------------
+
+
+def _flip_last_data_byte(path: Path) -> None:
+    """Flips the file's last byte, which lies in a tensor: the header still parses, the data differ."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_tensor_hash_ignores_order_but_not_content():
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.tensor(1.5), "c": torch.zeros(0)}
+    reference = weights.tensors_sha256(tensors)
+
+    assert weights.tensors_sha256(dict(reversed(list(tensors.items())))) == reference
+    assert weights.tensors_sha256({**tensors, "b": tensors["b"].t().contiguous().t()}) == reference  # layout only
+    changed_byte = tensors["b"].clone()
+    changed_byte.view(torch.uint8)[0] ^= 1
+    variants = [
+        {**tensors, "b": changed_byte},
+        {**tensors, "b": tensors["b"].reshape(3, 2)},
+        {**tensors, "b": tensors["b"].to(torch.float64)},
+        {"B": tensors["b"], "a": tensors["a"], "c": tensors["c"]},
+        {"b": tensors["b"], "a": tensors["a"]},
+    ]
+    assert len({weights.tensors_sha256(v) for v in variants} | {reference}) == len(variants) + 1
+
+
+def test_tensor_hash_does_not_depend_on_the_header_layout(tmp_path, checkpoint_file):
+    """The same tensors and metadata written in another order give another file but the same tensor hash."""
+    with safe_open(checkpoint_file, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    relaid = tmp_path / "relaid.safetensors"
+    save_file(dict(reversed(list(tensors.items()))), relaid, metadata=dict(reversed(list(metadata.items()))))
+
+    assert weights.read_checkpoint(relaid).tensors_sha256 == weights.read_checkpoint(checkpoint_file).tensors_sha256
+
+
+def test_changed_tensor_data_are_refused_naming_the_file(checkpoint_file, stand_in):
+    _flip_last_data_byte(checkpoint_file)
+
+    with pytest.raises(WeightsError) as error:
+        weights.load_model(checkpoint_file)
+    message = str(error.value)
+    assert message.startswith(f"{checkpoint_file}: its tensor data do not match the sha256 recorded in it")
+    assert "re-download or re-export" in message and "\n" not in message
+    ok, verdict = weights.verify_model(checkpoint_file)
+    assert not ok and verdict == message
+
+
+def _without_tensor_hash(path: Path) -> None:
+    """Rewrites a checkpoint as kprism wrote it before tensor hashes were recorded."""
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    del metadata["tensors_sha256"]
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_file_without_tensor_hash_loads_with_a_warning_and_verify_says_so(checkpoint_file, stand_in):
+    _without_tensor_hash(checkpoint_file)
+
+    with pytest.warns(weights.MissingTensorHashWarning) as caught:
+        _, catalog, checkpoint = weights.load_model(checkpoint_file)
+    assert catalog.names == CATALOG.names and checkpoint.tensors_sha256 is None
+    message = str(caught[0].message)
+    assert str(checkpoint_file) in message and "no tensor hash" in message
+    assert "kprism.weights.save_checkpoint" in message and "\n" not in message
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verify reports it in its message instead
+        ok, verdict = weights.verify_model(checkpoint_file)
+    assert ok and "carries no tensor hash" in verdict and "save_checkpoint" in verdict
+
+
+def test_reexport_adds_the_tensor_hash_and_keeps_everything_else(checkpoint_file, tmp_path):
+    _without_tensor_hash(checkpoint_file)
+    with safe_open(checkpoint_file, framework="pt") as f:
+        old_metadata, old_tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    target = tmp_path / "rehashed.safetensors"
+
+    sha = weights.reexport_checkpoint(checkpoint_file, target)
+
+    assert sha == hashlib.sha256(target.read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint = weights.read_checkpoint(target)
+    assert checkpoint.tensors_sha256 == weights.tensors_sha256(old_tensors)
+    with safe_open(target, framework="pt") as f:
+        assert {k: v for k, v in f.metadata().items() if k != "tensors_sha256"} == old_metadata
+    assert checkpoint.state_dict.keys() == old_tensors.keys()
+    assert all(torch.equal(checkpoint.state_dict[name], tensor) for name, tensor in old_tensors.items())
+
+
+def test_reexport_refuses_a_file_whose_recorded_hash_does_not_match(checkpoint_file):
+    _flip_last_data_byte(checkpoint_file)
+    before = checkpoint_file.read_bytes()
+    with pytest.raises(WeightsError, match="do not match the sha256 recorded"):
+        weights.reexport_checkpoint(checkpoint_file)
+    assert checkpoint_file.read_bytes() == before
+
+
+def test_file_hash_is_recomputed_for_a_same_size_rewrite_with_the_same_mtime(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 64)
+    first = weights.file_sha256(path)
+    stat = path.stat()
+    replacement = tmp_path / "g.bin"
+    replacement.write_bytes(b"b" * 64)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, path)  # what every atomic writer does: a new inode, maybe within one timestamp tick
+
+    assert weights.file_sha256(path) == hashlib.sha256(b"b" * 64).hexdigest() != first
+
+
+# --- bounded download ----------------------------------------------------------------------------
+
+
+def test_a_hub_request_that_never_returns_is_abandoned_at_the_deadline(manifest, monkeypatch):
+    """Socket timeouts do not bound a hanging name lookup: the wall-clock deadline does."""
+    release = threading.Event()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kwargs: release.wait(30))
+    monkeypatch.setattr(weights, "HUB_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(weights, "HUB_LOOKUP_MARGIN_S", 0.2)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(WeightsError) as error:
+            weights.download_model("kprism-tiny")
+    finally:
+        release.set()  # lets the abandoned request thread end
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "Download of model 'kprism-tiny'" in message and "no answer within 0.3 s" in message
+    assert "HF_HUB_ETAG_TIMEOUT" in message
+    assert "--model PATH" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+
+
+def test_hf_hub_etag_timeout_set_by_the_user_replaces_the_short_timeout(manifest, monkeypatch, hub_answers, checkpoint_file):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: str(checkpoint_file))
+    weights.download_model("kprism-tiny")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 45)
+    weights.download_model("kprism-tiny")
+    assert [request["timeout"] for request in hub_answers] == [weights.HUB_TIMEOUT_S, 45.0]
+
+
+def test_a_refused_download_names_the_cause_on_one_line(manifest, monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(url, **kwargs):
+        response = httpx2.Response(404, request=httpx2.Request("HEAD", url))
+        raise RepositoryNotFoundError("404 Client Error.\n\nRepository Not Found for url: " + url, response=response)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", not_found)
+    with pytest.raises(WeightsError) as error:
+        weights.download_model("kprism-tiny")
+    message = str(error.value)
+    assert "failed: RepositoryNotFoundError: 404 Client Error." in message and "\n" not in message
+
+
+def test_publish_bundles_only_files_that_record_their_tensor_hash(manifest, checkpoint_file, stand_in, tmp_path):
+    from kprism.train.publish import publish
+
+    target = publish(checkpoint_file)
+
+    assert target == weights.BUNDLED_DIR / "kprism-tiny.safetensors" and target.read_bytes() == checkpoint_file.read_bytes()
+    info = weights.get_model_info("kprism-tiny")
+    assert info.sha256 == hashlib.sha256(target.read_bytes()).hexdigest() and list(info.classes) == CATALOG.names
+    assert sorted(p.name for p in target.parent.iterdir()) == ["kprism-tiny.safetensors"]  # no temporaries
+
+    older = tmp_path / "older.safetensors"
+    shutil.copyfile(checkpoint_file, older)
+    _without_tensor_hash(older)
+    with pytest.warns(weights.MissingTensorHashWarning), pytest.raises(WeightsError, match="re-export it first"):
+        publish(older)
+    assert target.read_bytes() == checkpoint_file.read_bytes()

@@ -150,7 +150,7 @@ def evaluate_dataset(
             truths = {s: volume[s] == value for s in slices}
             restrict = slices if image.ndim == 3 else None
             if "semantic" in modes and name in session.catalog:
-                _score(session, case_items, truths, "semantic", session.segment_semantic([name], slices=restrict)[name].mask)
+                _score(session, case_items, truths, "semantic", session.segment_semantic([name], slices=restrict, engine="prompted")[name].mask)
             if onepass is not None and name in onepass.names:
                 _score(session, case_items, truths, "onepass", onepass.labels == onepass.names.index(name) + 1)
             if "incontext" in modes:

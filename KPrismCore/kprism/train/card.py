@@ -60,6 +60,9 @@ def _speed_lines(speed: list[dict]) -> str:
 def model_card(weights: Path, evaluation: dict, configs: list[str], curve_png: str | None, notes: str,
                speed: list[dict] | None = None) -> str:
     checkpoint = read_checkpoint(weights)
+    if checkpoint.tensors_sha256 is None:
+        raise ValueError(f"{weights} carries no tensor hash; re-export it with kprism.weights.reexport_checkpoint "
+                         "before writing its card, so the card cites the hashes of the file users get.")
     training = checkpoint.training
     stages = training_stages(training)
     first = stages[0]
@@ -72,7 +75,7 @@ def model_card(weights: Path, evaluation: dict, configs: list[str], curve_png: s
 
 | | |
 |---|---|
-| file | `{weights.name}` ({size_mb:.1f} MB, float32), sha256 `{checkpoint.sha256}` |
+| file | `{weights.name}` ({size_mb:.1f} MB, float32), sha256 `{checkpoint.sha256}`; tensor data sha256 `{checkpoint.tensors_sha256}` (recorded in the file, checked on every load) |
 | architecture | K-Prism `{training.get('preset', '?')}` preset, {parameters / 1e6:.2f} M parameters, {checkpoint.config.image_size}² input: depthwise-separable conv encoder with global attention (strides 2–16), sparse and dense prompt encoders, reference fusion, {checkpoint.config.decoder_layers}-layer two-way decoder with {checkpoint.config.num_experts}-expert top-{checkpoint.config.expert_top_k} MoE feed-forward blocks, mask and quality heads{", one-pass class head" if checkpoint.config.class_head else ""} |
 | intended use | research; the `kprism` CLI, demo and the Slicer module on a CPU or GPU |
 | not for | clinical decisions |

@@ -10,21 +10,27 @@ import shutil
 from pathlib import Path
 
 from .. import weights
+from ..atomic import write_atomically
 
 
 def publish(source: str | Path, name: str = weights.DEFAULT_MODEL) -> Path:
-    """Strictly load `source`, copy it to the package's weights folder and record its hash and classes."""
-    model, catalog, checkpoint = weights.load_model(source)
+    """Strictly load `source`, copy it to the package's weights folder and record its hash and classes.
+
+    Only files that record their tensor hash are bundled, so every installed copy can be checked.
+    """
+    _, catalog, checkpoint = weights.load_model(source)
+    if checkpoint.tensors_sha256 is None:
+        raise weights.WeightsError(f"{source} carries no tensor hash; re-export it first with "
+                                   f"kprism.weights.reexport_checkpoint('{source}'), then publish it.")
     info = weights.get_model_info(name)
     if not info.bundled:
         raise weights.WeightsError(f"Model {name!r} is not marked as bundled in the manifest.")
     target = weights.BUNDLED_DIR / info.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_suffix(".tmp")
-    shutil.copyfile(source, temporary)
-    temporary.replace(target)
+    write_atomically(target, lambda temporary: shutil.copyfile(source, temporary),
+                     verify=lambda temporary: weights.read_checkpoint(temporary, checkpoint.sha256),
+                     suffix=".safetensors")
     weights.update_manifest_entry(name, sha256=checkpoint.sha256, classes=catalog.names,
-                                  input_size=model.config.image_size)
+                                  input_size=checkpoint.config.image_size)
     return target
 
 

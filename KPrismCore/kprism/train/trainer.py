@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomically
 from ..catalog import ClassCatalog
 from ..data.slices import SliceBank, build_slice_bank
 from ..model import KPrismModel, Prompts, build_model, preset, upsample_logits
@@ -189,12 +190,8 @@ class Trainer:
 
     def save_state(self) -> Path:
         """Atomically write the resumable state (model, optimizer, scheduler, every RNG)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "last.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-        return path
+        state = self.state()
+        return write_atomically(self.run_dir / "last.pt", lambda temporary: torch.save(state, temporary), suffix=".pt")
 
     def resume(self) -> bool:
         """Continue from run_dir/last.pt if present; a checkpoint of another config is refused."""
