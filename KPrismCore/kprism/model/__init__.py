@@ -3,7 +3,8 @@
 from .config import PRESETS, KPrismConfig, preset
 from .encoder import ImageFeatures
 from .kprism import KPrismModel, Prediction, build_model, upsample_logits
+from .moe import ExpertUsage
 from .prompts import MODES, Prompts
 
 __all__ = ["KPrismConfig", "PRESETS", "preset", "ImageFeatures", "KPrismModel", "Prediction", "build_model", "upsample_logits",
-           "MODES", "Prompts"]
+           "MODES", "Prompts", "ExpertUsage"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import KPrismConfig
-from .moe import MoEFeedForward
+from .moe import MoEFeedForward, RoutingStats
 
 
 class DecoderLayer(nn.Module):
@@ -21,15 +21,16 @@ class DecoderLayer(nn.Module):
         self.image_to_token = nn.MultiheadAttention(d, h, batch_first=True)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(4))
 
-    def forward(self, tokens, token_pos, image, image_pos, mode):
+    def forward(self, tokens, token_pos, image, image_pos, mode) -> tuple[torch.Tensor, torch.Tensor, RoutingStats]:
         q = tokens + token_pos
         tokens = self.norms[0](tokens + self.self_attention(q, q, tokens, need_weights=False)[0])
         q = tokens + token_pos
         tokens = self.norms[1](tokens + self.token_to_image(q, image + image_pos, image, need_weights=False)[0])
-        tokens = self.norms[2](tokens + self.moe(tokens, mode))
+        expert_tokens, routing = self.moe(tokens, mode)
+        tokens = self.norms[2](tokens + expert_tokens)
         k = tokens + token_pos
         image = self.norms[3](image + self.image_to_token(image + image_pos, k, tokens, need_weights=False)[0])
-        return tokens, image
+        return tokens, image, routing
 
 
 class MoEDecoder(nn.Module):
@@ -40,20 +41,20 @@ class MoEDecoder(nn.Module):
         self.final_attention = nn.MultiheadAttention(d, config.decoder_heads, batch_first=True)
         self.final_norm = nn.LayerNorm(d)
 
-    def forward(self, tokens: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor, mode: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor, image_pos: torch.Tensor,
+                mode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats]]:
         """tokens (B, T, D); image (B, D, h, w); image_pos (D, h, w); mode (B, D).
 
-        Returns the updated tokens and image features (B, D, h, w).
+        Returns the updated tokens, the image features (B, D, h, w) and each layer's routing statistics.
         """
         b, d, h, w = image.shape
         flat = image.flatten(2).transpose(1, 2)
         pos = image_pos.flatten(1).transpose(0, 1).unsqueeze(0)
         token_pos = tokens  # the initial prompt tokens double as their own positional code (as in SAM)
+        routing = []
         for layer in self.layers:
-            tokens, flat = layer(tokens, token_pos, flat, pos, mode)
+            tokens, flat, layer_routing = layer(tokens, token_pos, flat, pos, mode)
+            routing.append(layer_routing)
         q = tokens + token_pos
         tokens = self.final_norm(tokens + self.final_attention(q, flat + pos, flat, need_weights=False)[0])
-        return tokens, flat.transpose(1, 2).reshape(b, d, h, w)
-
-    def moe_layers(self) -> list[MoEFeedForward]:
-        return [layer.moe for layer in self.layers]
+        return tokens, flat.transpose(1, 2).reshape(b, d, h, w), routing

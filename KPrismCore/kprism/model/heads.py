@@ -25,9 +25,10 @@ class MaskHead(nn.Module):
     """Upsamples the decoded stride-16 features with encoder skips and dense prompt maps.
 
     The mask token is turned into per-scale kernels; mask logits are their dot product with the
-    pixel features. Strides 8 and 4 give deep-supervision outputs; stride 2 is the final mask
-    (thin vessels and membranes need the fine scale). Callers upsample it once, straight to the
-    grid they need, instead of paying for an intermediate full-size map on every click.
+    pixel features. Stride 2 is the final mask (thin vessels and membranes need the fine scale);
+    strides 8 and 4 give deep-supervision outputs, computed only when training asks for them.
+    Callers upsample the mask once, straight to the grid they need, instead of paying for an
+    intermediate full-size map on every click.
     """
 
     def __init__(self, config: KPrismConfig):
@@ -39,17 +40,21 @@ class MaskHead(nn.Module):
         self.up2 = fuse_block(c4 + c2, c2, spatial=False)
         self.kernels = nn.ModuleList(mlp(d, c, d) for c in (c8, c4, c2))
 
-    def forward(self, image: torch.Tensor, skips, dense, mask_token: torch.Tensor):
+    def forward(self, image: torch.Tensor, skips, dense, mask_token: torch.Tensor,
+                deep_supervision: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns the stride-2 logits (B, 1, h, w) and the stride-8 and stride-4 logits when
+        `deep_supervision` is set (an empty list otherwise: inference never looks at them)."""
         f2, f4, f8 = skips
         d2, d4, d8 = dense
-        logits = []
+        stages = ((self.up8, f8, d8, self.kernels[0]), (self.up4, f4, d4, self.kernels[1]), (self.up2, f2, d2, self.kernels[2]))
+        scale_logits = []  # the final stride-2 logits last
         x = image
-        for up, skip, prompt_map, kernel in ((self.up8, f8, d8, self.kernels[0]), (self.up4, f4, d4, self.kernels[1]),
-                                             (self.up2, f2, d2, self.kernels[2])):
+        for up, skip, prompt_map, kernel in stages:
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = up(torch.cat([x, skip + prompt_map], dim=1))
-            logits.append(torch.einsum("bc,bchw->bhw", kernel(mask_token), x).unsqueeze(1))
-        return logits[-1], logits[:-1]
+            if deep_supervision or kernel is self.kernels[-1]:
+                scale_logits.append(torch.einsum("bc,bchw->bhw", kernel(mask_token), x).unsqueeze(1))
+        return scale_logits[-1], scale_logits[:-1]
 
 
 class QualityHead(nn.Module):

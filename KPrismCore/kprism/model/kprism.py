@@ -18,10 +18,13 @@ from .prompts import MODES, DensePromptEncoder, Prompts, ReferenceFusion, Sparse
 
 
 class Prediction(NamedTuple):
+    """Everything one decode produced; the model keeps nothing of it."""
+
     logits: torch.Tensor  # (B, 1, S/2, S/2): upsample with `upsample_logits` to the grid you need
     quality: torch.Tensor  # (B,) predicted Dice of the mask
-    aux_logits: list  # deep-supervision logits at strides 8 and 4
-    balance_loss: torch.Tensor  # MoE load-balancing loss (scalar)
+    aux_logits: list[torch.Tensor]  # deep-supervision logits at strides 8 and 4; empty unless asked for
+    balance_loss: torch.Tensor  # MoE load-balancing loss (scalar), the mean over decoder layers
+    expert_usage: torch.Tensor  # (decoder layers, experts) token slots routed to each expert; see `ExpertUsage`
 
 
 class KPrismModel(nn.Module):
@@ -45,8 +48,12 @@ class KPrismModel(nn.Module):
         """(B, C, S, S) normalised images → cached features. Run once per slice."""
         return self.encoder(images)
 
-    def decode(self, features: ImageFeatures, prompts: Prompts) -> Prediction:
-        """Answers one batch of prompts on already-encoded images (cheap: run per click)."""
+    def decode(self, features: ImageFeatures, prompts: Prompts, deep_supervision: bool = False) -> Prediction:
+        """Answers one batch of prompts on already-encoded images (cheap: run per click).
+
+        `deep_supervision` adds the stride-8 and stride-4 logits training needs (`aux_logits`);
+        inference leaves it off and skips their cost.
+        """
         batch = prompts.batch_size()
         features = features.expand(batch)
         mode_flags = prompts.mode_flags()
@@ -62,12 +69,13 @@ class KPrismModel(nn.Module):
         sparse = self.sparse(prompts, features, batch)
         tokens = torch.cat([self.output_tokens.weight.expand(batch, -1, -1), sparse], dim=1)
         h, w = image.shape[-2:]
-        tokens, image = self.decoder(tokens, image, self.image_position(h, w), mode)
+        tokens, image, routing = self.decoder(tokens, image, self.image_position(h, w), mode)
 
-        logits, aux = self.mask_head(image, features.skips, (d2, d4, d8), tokens[:, 0])
+        logits, aux = self.mask_head(image, features.skips, (d2, d4, d8), tokens[:, 0], deep_supervision)
         quality = self.quality_head(tokens[:, 1])
-        balance = torch.stack([m.balance_loss for m in self.decoder.moe_layers()]).mean()
-        return Prediction(logits, quality, aux, balance)
+        balance = torch.stack([layer.balance_loss for layer in routing]).mean()
+        usage = torch.stack([layer.usage for layer in routing])
+        return Prediction(logits, quality, aux, balance, usage)
 
     def segment_all(self, features: ImageFeatures) -> torch.Tensor:
         """Every class at once from encoded slices: (B, num_classes, S/2, S/2) logits (needs the class head)."""
@@ -75,16 +83,8 @@ class KPrismModel(nn.Module):
             raise ValueError("This model has no one-pass class head (config class_head=False); decode classes with prompts.")
         return self.class_head(features)
 
-    def forward(self, images: torch.Tensor, prompts: Prompts) -> Prediction:
-        return self.decode(self.encode(images), prompts)
-
-    def expert_usage(self) -> list[list[float]]:
-        """Per decoder layer, the share of routed token slots each expert received."""
-        return [m.usage_fraction().tolist() for m in self.decoder.moe_layers()]
-
-    def reset_expert_usage(self) -> None:
-        for m in self.decoder.moe_layers():
-            m.reset_usage()
+    def forward(self, images: torch.Tensor, prompts: Prompts, deep_supervision: bool = False) -> Prediction:
+        return self.decode(self.encode(images), prompts, deep_supervision)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

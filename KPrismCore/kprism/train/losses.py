@@ -26,7 +26,12 @@ def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def total_loss(prediction: Prediction, target: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """All loss terms for targets (B, S, S); returns the parts and their weighted sum under 'loss'."""
+    """All loss terms for targets (B, S, S); returns the parts and their weighted sum under 'loss'.
+
+    The deep-supervision term needs a prediction decoded with `deep_supervision=True`.
+    """
+    if not prediction.aux_logits:
+        raise ValueError("The prediction has no deep-supervision logits: decode with deep_supervision=True for training.")
     target = target.unsqueeze(1)
     logits = upsample_logits(prediction.logits, target.shape[-2:])
     parts = {"mask": mask_loss(logits, target)}

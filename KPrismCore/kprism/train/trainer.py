@@ -231,7 +231,7 @@ class Trainer:
                 logits = upsample_logits(self.model.decode(query, prompts.to(self.device)).logits.float(), targets.shape[-2:])
             correction_clicks(prompts, logits.cpu(), numpy_targets, clicks, self.rng)
         with autocast(self.device):
-            prediction = self.model.decode(query, prompts.to(self.device))
+            prediction = self.model.decode(query, prompts.to(self.device), deep_supervision=True)
             parts = total_loss(prediction, targets, self.config.loss_weights)
         self._optimise(parts["loss"])
         return {k: float(v.detach()) for k, v in parts.items()}
