@@ -12,17 +12,21 @@ import gzip
 import math
 import os
 import re
-import uuid
+import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 import nibabel
+import nrrd
 import numpy as np
 import PIL.Image
 import SimpleITK as sitk
 import slicerio
+from PIL import TiffImagePlugin
 
+from . import atomic
 from .catalog import PALETTE
 from .image import Geometry, ImageData
 from .orientation import CanonicalView
@@ -36,6 +40,8 @@ Point = tuple[float, float, bool]  # (row, column, positive) on the shown slice
 
 # Only these formats are 2D pictures; any other file is a volume, even with a single slice.
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_IEEE_FLOAT = 258, 339, 3
 _LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
 _SEGMENTATION_SUFFIX = ".seg.nrrd"
 _SEGMENT_KEYS = {"name", "value", "color", "tags"}
@@ -73,7 +79,7 @@ def read_mask(path: PathLike, reference: ImageData | None = None) -> ImageData:
     An 8-bit PNG holding only 0 and 255 is a binary mask and comes back as 0/1. A mask on another
     grid is resampled (nearest neighbour) onto the reference. A 2D mask without geometry (identity:
     unit spacing, zero origin) is taken to cover the reference's field of view, so a PNG mask of
-    another size is scaled onto the reference image.
+    another size is scaled onto the reference image; one of another aspect ratio is refused.
     """
     image = read_image(path)
     labels = _integer_labels(_single_channel(image, path), path)
@@ -119,27 +125,272 @@ def _check_not_empty(source: Path) -> None:
 
 # zlib cannot compress better than about 1032:1, so no single-file image can unpack to more.
 _MAX_EXPANSION = 1100
+_MAX_DATA_FILES = 100_000  # a detached header naming more data files than this is refused
+_MAX_HEADER_LINE = 1 << 16
+_MAX_HEADER_LINES = 10_000
+# How many voxel bytes one stored byte can hold, per NRRD encoding; text holds at least one character
+# per value, and a value is at most 8 bytes.
+_NRRD_EXPANSION = {"raw": 1, "hex": 1, "ascii": 8, "text": 8, "txt": 8, "gzip": _MAX_EXPANSION, "gz": _MAX_EXPANSION}
+_NRRD_UNREADABLE_ENCODINGS = {"bzip2", "bz2"}  # ITK's NrrdIO is built without bzip2
+_DATA_FILE_FIELDS = {"data file", "datafile"}
+# DICOM transfer syntaxes that store pixels as they are; every other one is compressed.
+_UNCOMPRESSED_DICOM = {
+    "1.2.840.10008.1.2",  # implicit VR little endian, also the default without a file meta header
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian
+    "1.2.840.10008.1.2.1.98",  # encapsulated uncompressed
+}
+_COMPLEX_PIXELS = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 
 
-def _check_claimed_size(source: Path, reader: sitk.ImageFileReader) -> None:
-    """Refuse a header that promises far more voxels than its file could hold, before ITK allocates them.
+@dataclass(frozen=True)
+class _StoredData:
+    """The files holding an image's voxels, their total size, and how many voxel bytes one of their bytes can hold."""
+
+    files: list[Path]
+    size: int
+    expansion: float
+
+
+def _stored_data(source: Path) -> _StoredData:
+    """Where an image's voxels are: the file itself, or the data files a detached header names.
+
+    NRRD and MetaImage headers (.nrrd/.nhdr, .mha/.mhd) are parsed here, before ITK reads them, so a
+    header naming missing or countless data files is refused at once (ITK takes most of a minute over
+    a list of 100 000 files).
+    """
+    name = source.name.lower()
+    if name.endswith((".nrrd", ".nhdr")):
+        files, expansion = _nrrd_data(source)
+    elif name.endswith((".mha", ".mhd")):
+        files, expansion = _metaimage_data(source)
+    else:
+        files, expansion = [source], _MAX_EXPANSION
+    size = 0
+    for file in files:
+        if not file.is_file():
+            raise ImageReadError(f"Could not read image {source}: its data file {file} does not exist.")
+        size += file.stat().st_size
+    return _StoredData(files, size, expansion)
+
+
+def _check_claimed_size(source: Path, reader: sitk.ImageFileReader, stored: _StoredData) -> None:
+    """Refuse a header that promises more voxels than its data could hold, before ITK allocates them.
 
     ITK allocates the whole image before reading: a damaged or hostile header claiming a huge size
-    would otherwise cost that much memory before failing. Detached headers (.nhdr, .mhd) are skipped.
+    would otherwise cost that much memory before failing.
     """
-    if source.name.lower().endswith((".nhdr", ".mhd")):
-        return
-    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
-    claimed = voxels * reader.GetNumberOfComponents() * sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
-    if claimed > _MAX_EXPANSION * source.stat().st_size:
-        raise ImageReadError(
-            f"Could not read image {source}: its header claims {'×'.join(map(str, reader.GetSize()))} voxels "
-            f"({claimed / 1e6:.0f} MB), more than its {source.stat().st_size} bytes can hold (truncated or damaged)."
+    component_bytes = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    claimed = math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * component_bytes
+    if claimed > stored.expansion * stored.size:
+        data = (
+            f"its {stored.size} bytes" if stored.files == [source]
+            else f"the {stored.size} bytes of its data {_names(stored.files)}"
         )
+        raise ImageReadError(
+            f"Could not read image {source}: its header claims {_by(reader.GetSize())} voxels "
+            f"({claimed / 1e6:.0f} MB), more than {data} can hold (truncated or damaged)."
+        )
+
+
+def _names(files: Sequence[Path]) -> str:
+    return f"file {files[0].name}" if len(files) == 1 else f"files {files[0].name} … {files[-1].name} ({len(files)} files)"
+
+
+def _header_lines(stream: Any) -> Iterator[str]:
+    """Text lines of a header, each read with a length limit so binary data never loads whole."""
+    for _ in range(_MAX_HEADER_LINES + _MAX_DATA_FILES):
+        line = stream.readline(_MAX_HEADER_LINE)
+        if not line:
+            return
+        yield line.decode("latin-1").rstrip("\r\n")
+
+
+def _nrrd_data(source: Path) -> tuple[list[Path], float]:
+    """Fields of a NRRD header (teem's format): `encoding` and the optional `data file` (three forms)."""
+    encoding, files = "raw", [source]
+    with source.open("rb") as stream:
+        lines = _header_lines(stream)
+        if not next(lines, "").startswith("NRRD"):
+            return files, _MAX_EXPANSION  # not a NRRD header: ITK will say so
+        for line in lines:
+            if not line:
+                break  # a blank line ends the header; attached data follow
+            field, separator, value = line.partition(":")
+            if line.startswith("#") or not separator or value.startswith("="):
+                continue  # a comment or a key:=value pair
+            field, value = field.strip().lower(), value.strip()
+            if field == "encoding":
+                encoding = value.lower()
+            elif field in _DATA_FILE_FIELDS:
+                files = _data_file_names(source, value, lines)
+    if encoding in _NRRD_UNREADABLE_ENCODINGS:
+        raise ImageReadError(
+            f"Could not read image {source}: its data are bzip2-encoded, which ITK cannot read; "
+            "save it with gzip or raw encoding."
+        )
+    return files, _NRRD_EXPANSION.get(encoding, _MAX_EXPANSION)
+
+
+def _metaimage_data(source: Path) -> tuple[list[Path], float]:
+    """Fields of a MetaImage header: `CompressedData` (zlib) and `ElementDataFile`, the last field."""
+    compressed, files = False, [source]
+    with source.open("rb") as stream:
+        lines = _header_lines(stream)
+        for line in lines:
+            key, _, value = line.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key == "compresseddata":
+                compressed = value.lower() == "true"
+            elif key == "elementdatafile":
+                if value.upper() != "LOCAL":  # LOCAL: the data follow the header in this file
+                    files = _data_file_names(source, value, lines)
+                break
+    return files, _MAX_EXPANSION if compressed else 1
+
+
+def _data_file_names(header: Path, value: str, rest: Iterator[str]) -> list[Path]:
+    """The data files of a detached header, relative to its folder.
+
+    Both NRRD and MetaImage name one file, or `LIST [subdim]` followed by one name per line, or a
+    printf pattern with a number range: `slice%03d.raw <first> <last> <step> [subdim]`.
+    """
+    words = value.split()
+    if words and words[0].upper() == "LIST":
+        names = [line.strip() for line in rest if line.strip()]
+    elif len(words) in (4, 5) and "%" in words[0] and all(re.fullmatch(r"[-+]?\d+", w) for w in words[1:]):
+        names = _pattern_names(header, words[0], *(int(w) for w in words[1:4]))
+    else:
+        names = [value]
+    _check_data_file_count(header, len(names))
+    return [header.parent / name for name in names]  # an absolute name stays absolute
+
+
+def _pattern_names(header: Path, pattern: str, first: int, last: int, step: int) -> list[str]:
+    count = 0 if step == 0 or (last - first) * step < 0 else (last - first) // step + 1
+    _check_data_file_count(header, count)
+    try:
+        return [pattern % number for number in range(first, last + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError) as error:
+        raise ImageReadError(
+            f"Could not read image {header}: its data file pattern {pattern!r} is not a printf pattern for "
+            f"one number ({error})."
+        ) from error
+
+
+def _check_data_file_count(header: Path, count: int) -> None:
+    if not 0 < count <= _MAX_DATA_FILES:
+        raise ImageReadError(
+            f"Could not read image {header}: its header names {count} data files; KPrism reads 1 to {_MAX_DATA_FILES}."
+        )
+
+
+@dataclass(frozen=True)
+class _DicomClaim:
+    """What one DICOM file's header promises, and what the file holds."""
+
+    name: str
+    size: tuple[int, ...]  # columns, rows, frames
+    claimed: int  # bytes of the stored pixel format
+    stored: int  # bytes of the file
+    compressed: bool
+
+
+def _check_dicom_claims(files: Sequence[str], folder: Path) -> None:
+    """The claimed-size check for a DICOM series, before the series reader allocates the volume.
+
+    Uncompressed files must each hold their pixels. Compressed pixels have no firm bound (a blank
+    JPEG 2000 frame takes about 1 kB at any size), so they are checked over the whole series, where
+    the expansion factor of zlib still bounds any real series. All files must have one size, as ITK
+    requires: it would otherwise allocate a damaged file's claim before noticing.
+    """
+    claims = [claim for claim in map(_dicom_claim, files) if claim is not None]
+    for claim in claims:
+        if claim.size != claims[0].size:
+            raise ImageReadError(
+                f"Could not read the DICOM series in {folder}: {claim.name} is {_by(claim.size)} pixels but "
+                f"{claims[0].name} is {_by(claims[0].size)}; the files of one series must have one size."
+            )
+        if not claim.compressed and claim.claimed > claim.stored:
+            raise ImageReadError(
+                f"Could not read the DICOM series in {folder}: {claim.name} claims {_by(claim.size)} pixels "
+                f"({claim.claimed / 1e6:.0f} MB), more than its {claim.stored} bytes can hold (truncated or damaged)."
+            )
+    compressed = [claim for claim in claims if claim.compressed]
+    claimed, stored = sum(c.claimed for c in compressed), sum(c.stored for c in compressed)
+    if claimed > _MAX_EXPANSION * stored:
+        raise ImageReadError(
+            f"Could not read the DICOM series in {folder}: its {len(compressed)} compressed files claim "
+            f"{claimed / 1e6:.0f} MB of pixels, more than their {stored} bytes can hold (truncated or damaged)."
+        )
+
+
+def _by(size: Sequence[int]) -> str:
+    return "×".join(map(str, size))
+
+
+def _dicom_claim(name: str) -> _DicomClaim | None:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # the series reader reports an unreadable file itself, before allocating it
+    path = Path(name)
+    return _DicomClaim(
+        path.name,
+        tuple(reader.GetSize()),
+        _dicom_pixel_bytes(reader),
+        path.stat().st_size,
+        _dicom_transfer_syntax(path) not in _UNCOMPRESSED_DICOM,
+    )
+
+
+def _dicom_pixel_bytes(reader: sitk.ImageFileReader) -> int:
+    bits = reader.GetMetaData("0028|0100").strip() if reader.HasMetaDataKey("0028|0100") else ""
+    if bits.isdigit():
+        bits_allocated = int(bits)
+    else:
+        bits_allocated = 8 * sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    return math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * bits_allocated // 8
+
+
+def _dicom_transfer_syntax(path: Path) -> str | None:
+    """Transfer syntax UID from the file meta header (group 0002, always explicit VR little endian).
+
+    A file without the "DICM" preamble has no meta header and is implicit VR little endian.
+    """
+    with path.open("rb") as stream:
+        head = stream.read(1 << 14)
+    if head[128:132] != b"DICM":
+        return "1.2.840.10008.1.2"
+    at = 132
+    while at + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            break
+        if head[at + 4 : at + 6] in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length, value_at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0010:
+            return head[value_at : value_at + length].rstrip(b"\0 ").decode("ascii", "replace")
+        at = value_at + length
+    return None
+
+
+def _check_real_valued(source: Path, reader: sitk.ImageFileReader) -> None:
+    if reader.GetPixelID() in _COMPLEX_PIXELS:
+        raise ValueError(_complex_message(source))
+
+
+def _complex_message(source: Path) -> str:
+    return f"{source} holds complex values; KPrism reads real-valued images: take the magnitude first (numpy.abs) and save that."
 
 
 def _read_image_file(source: Path, modality: str | None) -> ImageData:
     _check_not_empty(source)
+    stored = _stored_data(source)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(source))
     try:
@@ -150,7 +401,8 @@ def _read_image_file(source: Path, modality: str | None) -> ImageData:
             return ImageData(grey, modality=modality or "unknown")
         raise ImageReadError(f"Could not read image {source}: {_sitk_reason(error)}") from error
     _check_dimension(source, reader.GetDimension(), reader.GetSize())
-    _check_claimed_size(source, reader)
+    _check_real_valued(source, reader)
+    _check_claimed_size(source, reader, stored)
     if source.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(source)
     try:
@@ -161,7 +413,40 @@ def _read_image_file(source: Path, modality: str | None) -> ImageData:
         ) from error
     if modality is None and reader.HasMetaDataKey(_MODALITY_TAG):
         modality = reader.GetMetaData(_MODALITY_TAG)
+    if source.suffix.lower() in _TIFF_SUFFIXES and _holds_half_floats(source):
+        image = _half_floats_of(image)
     return _to_image_data(image, source, modality, raster=source.suffix.lower() in _RASTER_SUFFIXES)
+
+
+def _holds_half_floats(source: Path) -> bool:
+    """Whether a TIFF stores 16-bit IEEE floats (SampleFormat 3), which ITK reads as their uint16 bit patterns.
+
+    Pillow cannot open such a TIFF as a picture, but reads its first image file directory.
+    """
+    try:
+        with source.open("rb") as stream:
+            head = stream.read(8)
+            if head[2:3] == b"\x2b" or head[3:4] == b"\x2b":  # BigTIFF has a 16-byte header
+                head += stream.read(8)
+            directory = TiffImagePlugin.ImageFileDirectory_v2(head)
+            stream.seek(directory.next)
+            directory.load(stream)
+    except (OSError, SyntaxError, ValueError, struct.error):
+        return False  # ITK has read it already; without a readable directory, keep ITK's reading
+    bits, formats = directory.get(_TIFF_BITS_PER_SAMPLE, (1,)), directory.get(_TIFF_SAMPLE_FORMAT, (1,))
+    return set(_as_tuple(bits)) == {16} and set(_as_tuple(formats)) == {_TIFF_IEEE_FLOAT}
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _half_floats_of(image: sitk.Image) -> sitk.Image:
+    """Reinterpret uint16 bit patterns as float16, widened to float32 (which ITK and torch handle)."""
+    halves = sitk.GetArrayViewFromImage(image).view(np.float16)
+    floats = sitk.GetImageFromArray(halves.astype(np.float32), isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    floats.CopyInformation(image)
+    return floats
 
 
 def _grey_of_grey_alpha(source: Path) -> np.ndarray | None:
@@ -175,6 +460,7 @@ def _grey_of_grey_alpha(source: Path) -> np.ndarray | None:
 
 def _read_dicom_folder(folder: Path, modality: str | None) -> ImageData:
     files = _largest_dicom_series(folder)
+    _check_dicom_claims(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the spacing check and the modality
@@ -269,6 +555,10 @@ def _to_image_data(image: sitk.Image, source: Path, modality: str | None, raster
     if image.GetDimension() == 2 and not raster:
         image = sitk.JoinSeries(image)  # a volume format with one slice stays a (1-slice) volume
     array = sitk.GetArrayFromImage(image)
+    if np.iscomplexobj(array):
+        raise ValueError(_complex_message(source))
+    if array.dtype == bool:
+        raise ValueError(f"{source} holds true/false values; KPrism reads numeric images: save it as 0/1 integers (uint8).")
     components = image.GetNumberOfComponentsPerPixel()
     is_rgb = components in (3, 4)  # RGB or RGBA; grey with alpha has 2
     if components > 1:
@@ -341,6 +631,7 @@ def _onto_reference(mask: ImageData, reference: ImageData, path: PathLike) -> Im
         )
     geometry = mask.geometry
     if mask.ndim == 2 and geometry.same_as(Geometry.identity(2)):
+        _check_uniform_scale(mask.spatial_shape, reference.spatial_shape, path)
         geometry = _covering_field_of_view(mask.spatial_shape, reference)
     if mask.spatial_shape == reference.spatial_shape and geometry.same_as(reference.geometry):
         return ImageData(mask.array, reference.geometry, modality=mask.modality)
@@ -355,6 +646,23 @@ def _onto_reference(mask: ImageData, reference: ImageData, path: PathLike) -> Im
         0,
     )
     return ImageData(sitk.GetArrayFromImage(resampled), reference.geometry, modality=mask.modality)
+
+
+def _check_uniform_scale(mask_shape: tuple[int, ...], image_shape: tuple[int, ...], path: PathLike) -> None:
+    """A mask without geometry may be the picture at another scale, but not of another aspect ratio.
+
+    Scaled sizes are rounded, so a scale passes if one factor maps each side of the smaller grid to
+    the larger within one pixel of the smaller grid.
+    """
+    smaller, larger = sorted((mask_shape, image_shape), key=math.prod)
+    lowest = max(big / (small + 1) for small, big in zip(smaller, larger))
+    highest = min(big / (small - 1) if small > 1 else math.inf for small, big in zip(smaller, larger))
+    if lowest > highest:
+        raise ValueError(
+            f"The mask {path} is {_by(mask_shape)} pixels but the image is "
+            f"{_by(image_shape)} (rows×columns), another aspect ratio; a mask without geometry "
+            "must be the image's size or a uniform scale of it. Resize or pad it to match the image."
+        )
 
 
 def _covering_field_of_view(mask_shape: tuple[int, ...], reference: ImageData) -> Geometry:
@@ -406,7 +714,12 @@ def write_labelmap(
         labels = _png_labels(labels, geometry)
     target = check_output_path(path, source_path)
     image = _to_sitk(labels, geometry)
-    _write_atomically(target, suffix, lambda temporary: sitk.WriteImage(image, temporary, True))
+    _write_whole(
+        target,
+        suffix,
+        lambda temporary: sitk.WriteImage(image, temporary, True),
+        verify=lambda temporary: _labelmap_reads_back(temporary, labels),
+    )
     return target
 
 
@@ -436,8 +749,11 @@ def write_segmentation(
         "containedRepresentationNames": ["Binary labelmap"],
         "segments": slicer_segments,
     }
-    _write_atomically(
-        target, _SEGMENTATION_SUFFIX, lambda temporary: slicerio.write_segmentation(temporary, segmentation)
+    _write_whole(
+        target,
+        _SEGMENTATION_SUFFIX,
+        lambda temporary: slicerio.write_segmentation(temporary, segmentation),
+        verify=lambda temporary: np.array_equal(nrrd.read(temporary)[0], segmentation["voxels"]),
     )
     return target
 
@@ -506,21 +822,56 @@ def check_output_path(
     return target
 
 
-def _write_atomically(target: Path, suffix: str, write: Callable[[str], None]) -> None:
-    """Write to a hidden file beside the target, then rename it: readers never see a partial file."""
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+class _IncompleteFile(Exception):
+    """A written file that does not read back as what was written."""
+
+
+def _write_whole(
+    target: Path, suffix: str, write: Callable[[str], None], *, verify: Callable[[str], bool]
+) -> None:
+    """Write through `kprism.atomic`: a failed write or a file that does not read back leaves the target as it was.
+
+    `verify(temporary)` reads the written file back and says whether it is complete. Some writers
+    report success on a short write (ITK's NIfTI writer on a full disk), so this read-back, not the
+    writer, decides.
+    """
     try:
-        write(str(temporary))
-        os.replace(temporary, target)
+        atomic.write_atomically(
+            target, lambda temporary: write(str(temporary)), verify=_read_back(verify), suffix=suffix
+        )
+    except _IncompleteFile as error:
+        raise OSError(f"Could not write {target}: the file came back incomplete (disk full?).") from error
     except RuntimeError as error:  # SimpleITK reports write failures (disk full, …) as RuntimeError
-        temporary.unlink(missing_ok=True)
         raise OSError(f"Could not write {target}: {_sitk_reason(error)}") from error
     except OSError as error:  # slicerio and the file system raise these directly
-        temporary.unlink(missing_ok=True)
         raise OSError(error.errno, f"Could not write {target}: {error.strerror or error}") from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+
+def _read_back(verify: Callable[[str], bool]) -> Callable[[Path], None]:
+    def check(temporary: Path) -> None:
+        try:
+            complete = verify(str(temporary))
+        except Exception as error:  # any reader's failure on the fresh file means it is not whole
+            raise _IncompleteFile(str(error)) from error
+        if not complete:
+            raise _IncompleteFile(str(temporary))
+
+    return check
+
+
+def _labelmap_reads_back(path: str, labels: np.ndarray) -> bool:
+    """Read the whole file (decompressing it all) and compare every label."""
+    if path.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(Path(path))  # ITK would zero-fill a truncated NIfTI
+    image = sitk.ReadImage(path)  # kept alive while its array view is compared
+    written = sitk.GetArrayViewFromImage(image)
+    return written.shape == labels.shape and np.array_equal(written, labels)
+
+
+def _picture_reads_back(path: str) -> bool:
+    with PIL.Image.open(path) as picture:
+        picture.load()  # decodes every row: raises on a truncated file
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -581,15 +932,16 @@ def _segment_to_slicer(segment: dict[str, Any]) -> dict[str, Any]:
     value = int(segment["value"])
     if value <= 0:
         raise ValueError(f"Segment {segment['name']!r} has label value {value}; 0 is the background.")
-    tags = {str(key): str(text) for key, text in segment.get("tags", {}).items()}
-    _check_header_text(segment["name"], forbidden="\n")
-    for key, text in tags.items():
-        # The NRRD header stores tags as "key:value|key:value|" on one line.
-        _check_header_text(key, forbidden="\n|:")
-        _check_header_text(text, forbidden="\n|")
+    # The NRRD header stores tags as "key:value|key:value|" on one line, in ASCII, so text that would
+    # break it is escaped (and unescaped on reading) rather than refused after a whole run.
+    tags = {
+        _escape_header_text(str(key), _TAG_KEY_RESERVED): _escape_header_text(str(text), _TAG_VALUE_RESERVED)
+        for key, text in segment.get("tags", {}).items()
+    }
+    name = re.sub(r"\r\n|[\r\n]", " ", str(segment["name"]))  # a name is one header line
     return {
         "id": f"Segment_{value}",
-        "name": str(segment["name"]),
+        "name": _escape_header_text(name, reserved=""),
         "labelValue": value,
         "layer": 0,
         "color": list(_unit_rgb(segment.get("color", _default_color(value)))),
@@ -599,23 +951,46 @@ def _segment_to_slicer(segment: dict[str, Any]) -> dict[str, Any]:
 
 def _segment_from_slicer(segment: dict[str, Any]) -> dict[str, Any]:
     value = int(segment.get("labelValue", 1))
-    tags = dict(segment.get("tags", {}))
+    tags = {_unescape_header_text(key): _unescape_header_text(text) for key, text in segment.get("tags", {}).items()}
+    name = segment.get("name", segment.get("id", f"Segment_{value}"))
     # slicerio lifts these two tags into their own fields; put them back so tags round-trip.
     if "status" in segment:
         tags["Segmentation.Status"] = segment["status"]
     if "terminology" in segment:
         tags["TerminologyEntry"] = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
     return {
-        "name": segment.get("name", segment.get("id", f"Segment_{value}")),
+        "name": _unescape_header_text(name, _NON_ASCII_ESCAPES),
         "value": value,
         "color": tuple(float(c) for c in segment.get("color", _unit_rgb(_default_color(value)))),
         "tags": tags,
     }
 
 
-def _check_header_text(text: str, forbidden: str) -> None:
-    if any(character in str(text) for character in forbidden):
-        raise ValueError(f"Segment text {text!r} may not contain any of {forbidden!r}.")
+# Characters a tag key or value cannot hold as they are; "%" too, so that decoding is unambiguous.
+# Control and non-ASCII characters are always escaped (the header is ASCII, one line per field).
+_TAG_VALUE_RESERVED = "%|"
+_TAG_KEY_RESERVED = "%|:"
+_ALL_ESCAPES = re.compile(r"(?:%[0-9A-F]{2})+")
+_NON_ASCII_ESCAPES = re.compile(r"(?:%[89A-F][0-9A-F])+")  # names keep "%" as is: only these are decoded
+
+
+def _escape_header_text(text: str, reserved: str) -> str:
+    """Percent-encode (UTF-8 bytes, upper-case hex) reserved, control and non-ASCII characters."""
+    return "".join(
+        "".join(f"%{byte:02X}" for byte in character.encode("utf-8"))
+        if character in reserved or not " " <= character <= "~" else character
+        for character in text
+    )
+
+
+def _unescape_header_text(text: str, escapes: re.Pattern = _ALL_ESCAPES) -> str:
+    def decode(match: re.Match) -> str:
+        try:
+            return bytes.fromhex(match.group(0).replace("%", "")).decode("utf-8")
+        except UnicodeDecodeError:  # not something this module encoded: keep it as written
+            return match.group(0)
+
+    return escapes.sub(decode, str(text))
 
 
 def _default_color(value: int) -> tuple[int, int, int]:
@@ -760,5 +1135,10 @@ def _save_figure(figure: "Figure", path: PathLike) -> Path:
 
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(target, ".png", lambda temporary: FigureCanvasAgg(figure).print_figure(temporary, dpi=_DPI))
+    _write_whole(
+        target,
+        ".png",
+        lambda temporary: FigureCanvasAgg(figure).print_figure(temporary, dpi=_DPI),
+        verify=_picture_reads_back,
+    )
     return target

@@ -397,7 +397,6 @@ def test_segment_list_is_validated(tmp_path):
         ([{"name": "a", "value": 1, "colour": (1, 0, 0)}], "needs 'name' and 'value'"),
         ([{"name": "a", "value": 1}, {"name": "b", "value": 1}], "its own label value"),
         ([{"name": "a", "value": 1, "color": (300, 0, 0)}], "out of range"),
-        ([{"name": "a", "value": 1, "tags": {"a|b": "c"}}], "may not contain"),
     ]:
         with pytest.raises(ValueError, match=message):
             io.write_segmentation(labels, OBLIQUE, tmp_path / "x.seg.nrrd", segments)
