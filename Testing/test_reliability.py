@@ -12,6 +12,7 @@ All data is generated here, small, under tmp_path.
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import json
 import math
@@ -1088,16 +1089,21 @@ def test_any_clicks_on_a_picture_give_a_valid_result_or_change_nothing(tiny_sess
 
 @PROPERTY_SETTINGS
 @given(axis=st.sampled_from([0, 1, 2]),
-       clicks=st.lists(st.tuples(_point((24, 20, 8)), st.booleans()), min_size=1, max_size=4))
-def test_any_clicks_on_a_volume_change_one_slice_or_nothing(tiny_session, axis, clicks):
+       clicks=st.lists(st.tuples(_point((24, 20, 8)), st.booleans()), min_size=1, max_size=4), travel=st.booleans())
+def test_any_clicks_on_a_volume_change_their_slice_and_a_run_of_neighbours_or_nothing(tiny_session, axis, clicks, travel):
     _use(tiny_session, VOLUME, axis)
+    click = functools.partial(tiny_session.add_click, propagate=travel)
     for (i, j, k), positive in clicks:
-        before, result = _apply_or_refuse(tiny_session, tiny_session.add_click, [i, j, k], positive,
-                                          inside=_inside((i, j, k), (24, 20, 8)))
+        before, result = _apply_or_refuse(tiny_session, click, [i, j, k], positive, inside=_inside((i, j, k), (24, 20, 8)))
         if result is not None:
             assert_valid(result, VOLUME.shape)
             clicked = int(np.round([k, j, i][axis]))
-            assert _changed_slices(before, result, axis) <= {clicked}
+            changed = _changed_slices(before, result, axis)
+            if not travel:
+                assert changed <= {clicked}
+            else:  # the change travels outwards from the clicked slice without gaps
+                run = changed | {clicked}
+                assert run == set(range(min(run), max(run) + 1))
 
 
 @PROPERTY_SETTINGS
@@ -1121,8 +1127,8 @@ def test_any_box_on_a_volume_changes_only_the_slices_it_spans(tiny_session, axis
     first, second = corners
     inside = [_inside(first, (24, 20, 8)), _inside(second, (24, 20, 8))]
     expected = False if False in inside else (True if inside == [True, True] else None)
-    before, result = _apply_or_refuse(tiny_session, tiny_session.add_box, list(first), list(second),
-                                      inside=expected)
+    before, result = _apply_or_refuse(tiny_session, functools.partial(tiny_session.add_box, propagate=False),
+                                      list(first), list(second), inside=expected)
     if result is not None:
         assert_valid(result, VOLUME.shape)
         ends = sorted(int(np.round(c[::-1][axis])) for c in (first, second))
@@ -1157,7 +1163,7 @@ def test_any_scribble_on_a_volume_changes_only_the_slices_it_touches(tiny_sessio
             tiny_session.add_scribble(mask)
         assert same_snapshot(snapshot(tiny_session.result()), before)
         return
-    result = tiny_session.add_scribble(mask)
+    result = tiny_session.add_scribble(mask, propagate=False)
     assert_valid(result, VOLUME.shape)
     touched = set(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0].tolist())
     assert _changed_slices(before, result, axis) <= touched

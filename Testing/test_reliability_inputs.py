@@ -118,7 +118,7 @@ def test_I05_single_voxel_volume_is_refused_as_too_small(tmp_path, capsys):
 
     code, _, err = segment(capsys, tmp_path / "one.nii.gz", "--classes", "liver", "--out", tmp_path / "out.nii.gz")
 
-    assert code == 1 and "too small to segment: its slices are 1×1 pixels" in err
+    assert code == 1 and "too small to segment" in err and "its slices are 1×1 pixels" in err
     assert f"at least {MIN_SLICE_SIDE}×{MIN_SLICE_SIDE}" in err
 
 

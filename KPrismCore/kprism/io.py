@@ -405,6 +405,7 @@ def _read_image_file(source: Path, modality: str | None) -> ImageData:
     _check_claimed_size(source, reader, stored)
     if source.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(source)
+        _check_nifti_finite(source)
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -538,6 +539,23 @@ def _check_nifti_complete(source: Path) -> None:
     if present < needed:
         raise ImageReadError(
             f"Could not read image {source}: the file is truncated ({present} of {needed} bytes present)."
+        )
+
+
+def _check_nifti_finite(source: Path) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word, so count them first (float files only)."""
+    image = nibabel.load(source)
+    if not np.issubdtype(image.header.get_data_dtype(), np.floating):
+        return
+    data, bad = image.dataobj, 0
+    shape = image.shape
+    for index in range(shape[-1] if len(shape) > 2 else 1):  # a slice at a time: memory stays bounded
+        block = np.asanyarray(data[..., index] if len(shape) > 2 else data)
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    if bad:
+        raise ImageReadError(
+            f"{source} has {bad} of {math.prod(shape)} voxels that are NaN or infinite; replace them (e.g. with the "
+            "background value) before segmenting."
         )
 
 

@@ -47,7 +47,7 @@ def test_click_changes_only_the_clicked_slice_and_keeps_the_source_grid(session)
     volume = np.random.default_rng(0).normal(size=(12, 40, 50)).astype(np.float32)
     session.set_image(volume, geometry=geometry, modality="mri")
     point = geometry.index_to_ras([10, 20, 5])
-    result = session.add_click(point, positive=True, coordinates="ras")
+    result = session.add_click(point, positive=True, coordinates="ras", propagate=False)
     assert result.probability.shape == volume.shape
     assert result.geometry == geometry
     changed = np.argwhere(result.probability > 0)
@@ -65,7 +65,7 @@ def test_every_prompt_kind_and_undo(session):
     scribble[40, 30:60] = 1
     session.add_scribble(scribble)
     session.add_box([20, 20], [80, 60])
-    assert len(session._history) == 4
+    assert session.target.steps == 4
     session.undo()
     session.undo()
     np.testing.assert_array_equal(session.result().probability, second)
@@ -82,7 +82,7 @@ def test_semantic_then_clicks_refines_the_class_result(session):
     assert set(results) == {"disk", "ring"} and session.result() is None  # two classes: nothing to refine
     base = session.segment_semantic(["disk"])["disk"].probability.copy()
     refined = session.add_click([32, 32])
-    assert session._knowledge is not None and session._knowledge.class_ids.tolist() == [0]
+    assert session.target.knowledge is not None and session.target.knowledge.class_ids.tolist() == [0]
     assert not np.array_equal(base, refined.probability)
 
 
@@ -99,7 +99,7 @@ def test_prior_mask_can_be_refined(session):
 def test_three_d_box_prompts_every_slice_in_range(session):
     volume = np.random.default_rng(4).normal(size=(10, 32, 32)).astype(np.float32)
     session.set_image(volume, modality="mri")
-    result = session.add_box([5, 5, 2], [20, 25, 6])
+    result = session.add_box([5, 5, 2], [20, 25, 6], propagate=False)
     touched = np.unique(np.argwhere(result.probability > 0)[:, 0])
     np.testing.assert_array_equal(touched, np.arange(2, 7))
     session.undo()  # the whole 3D box is one interaction
@@ -185,7 +185,8 @@ def test_feature_cache_respects_its_memory_bound(tiny_model):
     session = KPrismSession(model, catalog=catalog, device="cpu", cache_mb=3)
     session.set_image(np.random.default_rng(9).normal(size=(6, 32, 32)).astype(np.float32))
     session.features(list(range(6)))
-    assert session._cache.nbytes <= 3 * 2**20 and len(session._cache) < 6
+    cache = session.encoded.cache(0)
+    assert cache.nbytes <= 3 * 2**20 and len(cache) < 6
 
 
 def test_float16_cache_holds_twice_the_slices_for_the_same_clicks(tiny_model):
@@ -196,8 +197,8 @@ def test_float16_cache_holds_twice_the_slices_for_the_same_clicks(tiny_model):
     for half, session in sessions.items():
         session.set_image(volume)
         session.features(list(range(8)))
-        results[half] = session.add_click([20, 30, 5]).probability
-    assert len(sessions[True]._cache) >= 2 * len(sessions[False]._cache) > 0
+        results[half] = session.add_click([20, 30, 5], propagate=False).probability
+    assert len(sessions[True].encoded.cache(0)) >= 2 * len(sessions[False].encoded.cache(0)) > 0
     assert np.abs(results[True] - results[False]).max() < 1e-3
 
 
@@ -233,7 +234,7 @@ def test_cross_axis_fusion_averages_three_passes_and_undoes_with_the_propagation
 def test_propagation_stops_where_the_quality_says_the_structure_ends(session):
     volume = np.random.default_rng(11).normal(size=(9, 32, 32)).astype(np.float32)
     session.set_image(volume, modality="mri")
-    session.add_click([16, 16, 4])
+    session.add_click([16, 16, 4], propagate=False)
     result = session.propagate(min_quality=1.01)  # no slice can be good enough
     assert {int(k) for k in np.unique(np.argwhere(result.probability > 0)[:, 0])} == {4}
 
@@ -289,15 +290,15 @@ def test_one_pass_label_map_is_the_class_heads_argmax_on_the_source_grid(one_pas
     session.set_image(volume, geometry=oblique_geometry(), modality="mri")
     result = session.segment_semantic_labels(["ring", "disk"], engine="one_pass")
     assert result.labels.shape == volume.shape and result.names == ["ring", "disk"] and result.engine == "one_pass"
-    canonical = np.zeros(session._view.canonical_shape, np.int64)
+    canonical = np.zeros(session.view.canonical_shape, np.int64)
     for index in range(session.num_slices):
-        inputs = session._model_input(session.canonical_slice(index), "mri", False, session._range)[None]
+        inputs = session.encoded.model_input(session.canonical_slice(index), "mri", False, session.encoded.value_range)[None]
         with torch.no_grad():
             logits = session.model.segment_all(session.model.encode(inputs))[:, [2, 0]]
-        grid = upsample_logits(logits, session._slice_shape())[0]
+        grid = upsample_logits(logits, session.encoded.slice_shape(0))[0]
         best, winner = grid.max(0)
         canonical[index] = np.where(best.numpy() >= 0, winner.numpy() + 1, 0)
-    expected = session._view.from_canonical(canonical)
+    expected = session.view.from_canonical(canonical)
     assert 0 < (expected > 0).mean() < 1  # a meaningful comparison: some voxels labelled, some not
     assert (result.labels == expected).mean() > 0.999
     assert all(0.5 <= q <= 1 for q in result.quality if np.isfinite(q))

@@ -228,9 +228,11 @@ class KPrismLogic:
 
         report(0.02, "Reading the volume")
         session = self.bind(volume_node, modality, axis)
+        _check_clicks_per_slice(session, prompts, volume_node)
         self._owner, self._last_target = None, None  # this run takes over the session's target
         provenance: dict[str, Any] = {"tool": "KPrismSlicer", "model": self.model_name(), "mode": mode,
-                                      "volume": volume_node.GetName()}
+                                      "volume": volume_node.GetName(), "modality": session.modality_choice.modality}
+        report(0.04, f"Modality: {session.modality_choice}")
         encode = report.stage(0.05, 0.95, "Segmenting")
         labelmap = None
         if mode == "semantic" and len(classes) > 1:
@@ -488,6 +490,20 @@ def _check_prompt(prompt: Prompt, volume_node: Any) -> None:
             raise InputError(f"The scribble segment {nodes.segment_name(prompt.node, prompt.segment_id)!r} is empty on this volume.")
     else:
         raise InputError(f"Unknown prompt kind {prompt.kind!r}.")
+
+
+def _check_clicks_per_slice(session, prompts: Sequence[Prompt], volume_node: Any) -> None:
+    """Refuse more clicks on one slice than kprism's limit: each click re-decodes all clicks of its slice."""
+    from kprism.prompt_file import MAX_POINTS_PER_SLICE, crowded_slice
+
+    clicks = [ras for p in prompts if p.kind == "point"
+              for ras, _ in ([(p.ras, None)] if p.node is None else nodes.control_points(p.node))]
+    crowded = crowded_slice(session.locate(nodes.world_to_ijk(volume_node, ras).tolist(), "ijk")[0] for ras in clicks)
+    if crowded is not None:
+        raise InputError(
+            f"{crowded[1]} clicks fall on slice {crowded[0]} of {volume_node.GetName()!r}; at most {MAX_POINTS_PER_SLICE} "
+            "clicks per slice are accepted (each click re-decodes every click of its slice). Use fewer, or a box or scribble."
+        )
 
 
 def _box_indices(prompt: Prompt, volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
