@@ -533,7 +533,8 @@ def resolve_prompts(scene: Any, prompts: Optional["PromptFile"], volume: Any) ->
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
+        with _one_line_warnings():
+            return run(args)
     except KeyboardInterrupt:  # outputs appear only whole (atomic writes), so what exists is finished
         print(INTERRUPTED, file=sys.stderr, flush=True)
         return 130
@@ -543,6 +544,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reason = f"{type(error).__name__}: {error}".splitlines()[0]
         print(f"kprism batch: unexpected error: {reason}; run with --debug for details", file=sys.stderr, flush=True)
         return 1
+
+
+def _one_line_warnings():
+    """kprism's one-line warnings; plain Python warnings when kprism is not installed yet (run() then says so)."""
+    try:
+        from kprism.messages import one_line_warnings
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return one_line_warnings("kprism batch")
 
 
 def run(args: argparse.Namespace) -> int:

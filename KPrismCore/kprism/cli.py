@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .messages import one_line, one_line_warnings
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -92,26 +93,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.add_argument("config")
     args = parser.parse_args(argv)
     commands = {"segment": _segment, "demo": _demo, "models": _models, "eval": _eval, "train": _train}
-    with _one_line_warnings():
+    with one_line_warnings("kprism"):
         try:
             return commands[args.command](args)
         except KeyboardInterrupt:
             print("kprism: interrupted; no output was written partially.", file=sys.stderr)
             return 130
         except (ValueError, OSError, RuntimeError) as error:  # kprism's own errors name the input and the fix
-            print(f"kprism: error: {_one_line(error)}", file=sys.stderr)
+            print(f"kprism: error: {one_line(error)}", file=sys.stderr)
             _print_traceback(args)
             return 1
         except Exception as error:  # anything else: one line naming the input, the traceback only on request
             where = getattr(args, "image", None) or getattr(args, "config", None) or args.command
-            print(f"kprism: error: {where}: unexpected {type(error).__name__}: {_one_line(error)} "
+            print(f"kprism: error: {where}: unexpected {type(error).__name__}: {one_line(error)} "
                   "(run with --debug for details)", file=sys.stderr)
             _print_traceback(args)
             return 1
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _print_traceback(args: argparse.Namespace) -> None:
@@ -121,20 +118,6 @@ def _print_traceback(args: argparse.Namespace) -> None:
         traceback.print_exc()
 
 
-@contextlib.contextmanager
-def _one_line_warnings():
-    """Warnings (repeated classes, untrusted in-context results, …) as one line each, without source lines."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"kprism: warning: {_one_line(message)}", file=sys.stderr)
-
-    previous = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = previous
 
 
 def _session(args: argparse.Namespace):
