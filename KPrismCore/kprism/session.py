@@ -32,10 +32,10 @@ from .modality import ModalityChoice
 from .orientation import CanonicalView
 from .reference_agreement import Agreement
 from .runtime import default_threads, resolve_device
-from .target import PRIOR_LOGIT, Delta, Reference, SegmentationResult, Target, TravelRules
+from .target import Delta, Reference, SegmentationResult, Target, TravelRules
 
 __all__ = ["KPrismSession", "SegmentationResult", "LabelmapResult", "Reference", "Cancelled", "Delta",
-           "EncodedImage", "Target", "TravelRules", "PRIOR_LOGIT", "clean_labels", "unique_class_names"]
+           "EncodedImage", "Target", "TravelRules", "clean_labels", "unique_class_names"]
 
 
 @dataclass

@@ -30,9 +30,9 @@ from .encoded_image import EncodedImage, Progress, SlicePoint
 from .image import CoordinateSystem, Geometry, ImageData
 from .model import Prompts
 from .orientation import CanonicalView
-from .preprocess import resize_mask, to_model_points
+from .model_grid import box_edges, click_point, prior_from_logits, prior_from_probability, scribble_map
+from .preprocess import resize_mask
 
-PRIOR_LOGIT = 6.0  # a binary prior mask becomes logits of ±6 (probability 0.998)
 CONSOLIDATION_MARGIN = 0.05  # predicted Dice gain needed to re-answer a prompted slice from its neighbours
 
 
@@ -100,7 +100,7 @@ class _SliceState:
 class _Step:
     """One undoable step: the slices it overwrote (in write order) and the prompt states it replaced."""
 
-    writes: list[tuple[int, int, np.ndarray, float]] = field(default_factory=list)  # (axis, index, old, old quality)
+    writes: list[tuple] = field(default_factory=list)  # (axis, index, old values, old quality, old logits or None)
     states: dict[tuple[int, int], Optional[_SliceState]] = field(default_factory=dict)
     knowledge: Optional[tuple[Optional[Prompts]]] = None  # (old knowledge,) when the step replaced it
     last: Optional[tuple[int, int]] = None  # the last prompted slice before the step
@@ -140,6 +140,7 @@ class Target:
         self._last: Optional[tuple[int, int]] = None
         self._touched: list[tuple[int, int]] = []
         self._started = False
+        self._logits: dict[tuple[int, int], np.ndarray] = {}  # the model's last answer per slice: the next prior
 
     # ------------------------------------------------------------------------------------- reading
     @property
@@ -223,7 +224,7 @@ class Target:
         axis = self.axis if axis is None else axis
         self.encoded.check_axis(axis)
         where = self.encoded.locate(point, coordinates, axis)
-        x, y = to_model_points(np.array([[where.row, where.column]]), self.encoded.slice_shape(axis), self.size)[0]
+        x, y = click_point(where.row, where.column, self.encoded.slice_shape(axis), self.size)
         record = {"click": [float(v) for v in point], "positive": bool(positive), "coordinates": coordinates, "axis": axis}
         return self._interact(where.axis, [where.index], lambda state: state.points.append((float(x), float(y), int(positive))),
                               propagate, record)
@@ -234,12 +235,7 @@ class Target:
         axis = self.axis if axis is None else axis
         self.encoded.check_axis(axis)
         first, last = self.encoded.locate(minimum, coordinates, axis), self.encoded.locate(maximum, coordinates, axis)
-        shape = self.encoded.slice_shape(axis)
-        corners = to_model_points(np.array([[min(first.row, last.row), min(first.column, last.column)],
-                                            [max(first.row, last.row), max(first.column, last.column)]]), shape, self.size)
-        # Reach the outer edge of the corner pixels: half a source pixel, per direction.
-        half_x, half_y = self.size / (2 * shape[1]), self.size / (2 * shape[0])
-        rectangle = (corners[0, 0] - half_x, corners[0, 1] - half_y, corners[1, 0] + half_x, corners[1, 1] + half_y)
+        rectangle = box_edges((first.row, first.column), (last.row, last.column), self.encoded.slice_shape(axis), self.size)
         indices = list(range(min(first.index, last.index), max(first.index, last.index) + 1))
         record = {"box": [[float(v) for v in minimum], [float(v) for v in maximum]], "coordinates": coordinates, "axis": axis}
         if len(indices) > 1 and propagate is None:
@@ -260,7 +256,7 @@ class Target:
         if not touched:
             raise ValueError("The scribble mask is empty.")
         channel = 0 if positive else 1
-        strokes = {i: resize_mask(self._slice(canonical, axis, i), self.size).numpy() > 0 for i in touched}
+        strokes = {i: scribble_map(self._slice(canonical, axis, i), self.size) for i in touched}
 
         def paint(state: _SliceState, index: int) -> None:
             if state.scribbles is None:
@@ -313,10 +309,10 @@ class Target:
                 change(state, index) if per_index else change(state)
                 self._states[key] = state
                 states.append(state)
-                prompts.append(self._slice_prompts(state, self._slice(self._volume, axis, index)))
+                prompts.append(self._slice_prompts(state, self._slice(self._volume, axis, index), key))
             self._last = (axis, indices[-1] if len(indices) == 1 else indices[len(indices) // 2])
             for index, logits, quality in self._decode_each(axis, indices, prompts):
-                self._write(axis, index, self.encoded.to_slice_grid(axis, logits), float(quality))
+                self._write(axis, index, self.encoded.to_slice_grid(axis, logits), float(quality), logits)
             if travel:
                 for start in sorted({indices[0], indices[-1]}):
                     self._travel(axis, start, self.rules, None, only_outward_of=(indices[0], indices[-1]))
@@ -365,7 +361,7 @@ class Target:
                     break
                 old = self._slice(self._volume, axis, index) >= 0.5
                 unchanged = rules.agreement is not None and old.any() and dice(old, mask) >= rules.agreement
-                self._write(axis, index, probability, float(quality[0]))
+                self._write(axis, index, probability, float(quality[0]), logits[0])
                 if unchanged:
                     break
                 previous = (self.encoded.features(axis, [index])[0].embedding, resize_mask(mask, self.size))
@@ -404,11 +400,11 @@ class Target:
         logits, quality = self.encoded.decode(self.encoded.features(axis, [index])[0], prompts)
         if quality[0] <= self._quality.get((axis, index), -math.inf) + CONSOLIDATION_MARGIN:
             return False
-        self._write(axis, index, self.encoded.to_slice_grid(axis, logits[0]), float(quality[0]))
+        self._write(axis, index, self.encoded.to_slice_grid(axis, logits[0]), float(quality[0]), logits[0])
         return True
 
-    def _slice_prompts(self, state: _SliceState, previous: np.ndarray) -> Prompts:
-        """Knowledge (class / references) + this slice's prompts + the current result as the prior."""
+    def _slice_prompts(self, state: _SliceState, previous: np.ndarray, key: Optional[tuple[int, int]] = None) -> Prompts:
+        """Knowledge (class / references) + this slice's prompts + the current result as the prior (`model_grid`)."""
         prompts = Prompts() if self.knowledge is None else Prompts(**vars(self.knowledge))
         if state.points:
             pts = torch.tensor([[p[:2] for p in state.points]], dtype=torch.float32)
@@ -417,20 +413,24 @@ class Target:
             prompts.scribbles = torch.from_numpy(state.scribbles)[None]
         if state.box is not None:
             prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
-        if previous.any():
-            probability = resize_mask(previous, self.size).clamp(1e-3, 1 - 1e-3)
-            prompts.prior_logits = torch.logit(probability).clamp(-PRIOR_LOGIT, PRIOR_LOGIT)[None, None]
+        if key is not None and key in self._logits:
+            prompts.prior_logits = prior_from_logits(self._logits[key], self.size)
+        elif previous.any():
+            prompts.prior_logits = prior_from_probability(previous, self.size)
         return prompts
 
     def _slice(self, volume: np.ndarray, axis: int, index: int) -> np.ndarray:
         return volume if self.encoded.ndim == 2 else np.take(volume, index, axis=axis)
 
-    def _write(self, axis: int, index: int, values: np.ndarray, quality: float) -> None:
-        """Overwrite one canonical slice, remembering what was there for undo."""
+    def _write(self, axis: int, index: int, values: np.ndarray, quality: float, logits: Optional[np.ndarray] = None) -> None:
+        """Overwrite one canonical slice (and the model logits behind it, if any), remembering what was there for undo."""
+        key = (axis, index)
         view = self._volume if self.encoded.ndim == 2 else _slice_view(self._volume, axis, index)
-        self._step.writes.append((axis, index, view.copy(), self._quality.get((axis, index), math.nan)))
-        view[...] = self._protect_anchors(axis, index, view, values)
-        self._set_quality((axis, index), quality)
+        self._step.writes.append((axis, index, view.copy(), self._quality.get(key, math.nan), self._logits.get(key)))
+        protected = self._protect_anchors(axis, index, view, values)
+        view[...] = protected
+        self._set_logits(key, logits if protected is values else None)  # logits no longer describe a patched slice
+        self._set_quality(key, quality)
         self._touched.append((axis, index))
 
     def _protect_anchors(self, axis: int, index: int, current: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -482,11 +482,13 @@ class Target:
         for key in step.states:
             counter.states[key] = self._states.get(key)
         self._touched = []
-        for axis, index, old, quality in reversed(step.writes):
+        for axis, index, old, quality, logits in reversed(step.writes):
             view = self._volume if self.encoded.ndim == 2 else _slice_view(self._volume, axis, index)
-            counter.writes.insert(0, (axis, index, view.copy(), self._quality.get((axis, index), math.nan)))
+            key = (axis, index)
+            counter.writes.insert(0, (axis, index, view.copy(), self._quality.get(key, math.nan), self._logits.get(key)))
             view[...] = old
-            self._set_quality((axis, index), quality)
+            self._set_quality(key, quality)
+            self._set_logits(key, logits)
             self._touched.append((axis, index))
         _restore_states(self, step)
         counter.record = step.record
@@ -498,6 +500,12 @@ class Target:
         destination.append(counter)
         axis = step.writes[0][0] if step.writes else self.axis
         return self._delta(axis, self._touched)
+
+    def _set_logits(self, key: tuple[int, int], logits: Optional[np.ndarray]) -> None:
+        if logits is None:
+            self._logits.pop(key, None)
+        else:
+            self._logits[key] = np.array(logits, dtype=np.float32, copy=True)
 
     def _set_quality(self, key: tuple[int, int], quality: float) -> None:
         if math.isnan(quality):
@@ -534,10 +542,11 @@ def _slice_view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 def _restore(target: Target, step: _Step) -> None:
     """Undo a step that failed halfway: values, qualities, prompt states and knowledge."""
-    for axis, index, old, quality in reversed(step.writes):
+    for axis, index, old, quality, logits in reversed(step.writes):
         view = target._volume if target.encoded.ndim == 2 else _slice_view(target._volume, axis, index)
         view[...] = old
         target._set_quality((axis, index), quality)
+        target._set_logits((axis, index), logits)
     _restore_states(target, step)
     if step.record is not None and target.provenance and target.provenance[-1] is step.record:
         target.provenance.pop()

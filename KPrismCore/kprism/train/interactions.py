@@ -11,6 +11,7 @@ import torch
 
 from ..data.interaction import box_from_mask, click_kprism, click_random_error, first_click, scribble
 from ..model import Prompts
+from ..model_grid import box_edges, click_point, prior_from_logits
 
 SCRIBBLE_KINDS = ("line", "centerline", "contour")
 
@@ -35,8 +36,8 @@ def first_prompts(prompts: Prompts, targets: np.ndarray, kind: str, rng: np.rand
         # Augmentation can push a small object out of view: such a sample gets no box (box_valid False).
         boxes, valid = [], []
         for t in targets:
-            (r0, c0), (r1, c1) = box_from_mask(t, rng, jitter=0.1) if t.any() else np.zeros((2, 2))
-            boxes.append([c0, r0, c1 + 1, r1 + 1])  # pixel edges on the model grid, (x0, y0, x1, y1)
+            corners = box_from_mask(t, rng, jitter=0.1) if t.any() else np.zeros((2, 2))
+            boxes.append(list(box_edges(corners[0], corners[1], (size, size), size)))  # (x0, y0, x1, y1)
             valid.append(bool(t.any()))
         prompts.boxes, prompts.box_valid = torch.tensor(boxes, dtype=torch.float32), torch.tensor(valid)
     elif kind == "scribble":
@@ -52,7 +53,7 @@ def first_prompts(prompts: Prompts, targets: np.ndarray, kind: str, rng: np.rand
             if t.any():
                 # Half centre clicks (the evaluation rule), half anywhere inside: users are not precise.
                 click = first_click(t) if rng.random() < 0.5 else click_random_error(np.zeros_like(t), t, rng)
-                clicks[n].append((click.point[1] + 0.5, click.point[0] + 0.5, 1))
+                clicks[n].append((*click_point(*click.point, (size, size), size), 1))
     for n, t in enumerate(targets):
         if not t.any():
             # The object left the view under augmentation: a background click says "nothing here".
@@ -66,10 +67,11 @@ def correction_clicks(prompts: Prompts, logits: torch.Tensor, targets: np.ndarra
                       rng: np.random.Generator) -> None:
     """One correction round: a click on each sample's error, and the prediction fed back as prior."""
     predictions = (logits[:, 0] > 0).cpu().numpy()
+    size = targets.shape[-1]
     for n, (pred, truth) in enumerate(zip(predictions, targets)):
         click = click_kprism(pred, truth) if rng.random() < 0.6 else click_random_error(pred, truth, rng)
         if click is not None:
-            clicks[n].append((click.point[1] + 0.5, click.point[0] + 0.5, int(click.positive)))
+            clicks[n].append((*click_point(*click.point, (size, size), size), int(click.positive)))
     if any(clicks):
         set_clicks(prompts, clicks)
-    prompts.prior_logits = logits.detach().clamp(-20, 20)
+    prompts.prior_logits = prior_from_logits(logits.detach(), size)

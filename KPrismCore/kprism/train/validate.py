@@ -15,6 +15,7 @@ import torch
 from ..catalog import ClassCatalog
 from ..data.interaction import Click, dice, first_click
 from ..data.slices import SliceBank
+from ..model_grid import click_point
 from ..model import KPrismModel, Prompts, upsample_logits
 
 
@@ -65,7 +66,8 @@ def validate(model: KPrismModel, items: list[ValidationItem], val_bank: SliceBan
         prompts = {
             "semantic": Prompts(class_ids=torch.tensor([catalog.index(item.class_name)])),
             "in_context": Prompts(ref_features=reference[:, None], ref_masks=train_bank.mask(item.reference_id, ref_value)[None, None, None]),
-            "click": Prompts(points=torch.tensor([[[click.point[1] + 0.5, click.point[0] + 0.5]]]), point_labels=torch.tensor([[1]])),
+            "click": Prompts(points=torch.tensor([[click_point(*click.point, truth.shape, truth.shape[-1])]]),
+                             point_labels=torch.tensor([[1]])),
         }
         for mode, prompt in prompts.items():
             logits = upsample_logits(model.decode(features, prompt.to(device)).logits.float(), truth.shape).cpu()
