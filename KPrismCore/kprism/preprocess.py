@@ -75,10 +75,3 @@ def resize_mask(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """(H, W) binary → (S, S) float coverage in [0, 1] (area-weighted, so thin lines survive as soft values)."""
     tensor = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
     return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0, 0].clamp(0, 1)
-
-
-def to_model_points(points_rc: np.ndarray, shape: tuple[int, int], size: int) -> np.ndarray:
-    """(N, 2) (row, column) on the source slice → (N, 2) (x, y) on the model grid (pixel centres)."""
-    points_rc = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
-    scale = np.array([size / shape[1], size / shape[0]])
-    return (points_rc[:, ::-1] + 0.5) * scale
