@@ -344,8 +344,10 @@ class KPrismSession:
     def propagate(
         self, start: Optional[int] = None, *, min_quality: float = 0.15, min_area_ratio: float = 0.2,
         stop_when_unchanged: Optional[float] = 0.97, progress: Optional[Progress] = None, cross_axes: bool = False,
+        from_point: Optional[Sequence[float]] = None, coordinates: CoordinateSystem = "ijk",
     ) -> SegmentationResult:
-        """Carry the target's mask on canonical slice `start` (default: the last prompted) through its neighbours.
+        """Carry the target's mask on one slice through its neighbours: the slice through `from_point`
+        (a source point), else canonical slice `start` of `view` along `axis`, else the last prompted one.
 
         A direction stops on low predicted quality, when the mask shrinks below `min_area_ratio` of
         the previous slice's, when it grows like a leak, or — after a correction — when a slice comes
@@ -359,8 +361,8 @@ class KPrismSession:
         if self.target is None or self.target.result() is None:
             raise RuntimeError("Nothing to propagate: segment, click or set a prior mask on a slice first.")
         rules = TravelRules(min_quality=min_quality, min_area_ratio=min_area_ratio, agreement=stop_when_unchanged)
-        start = self.last_slice if start is None else start
-        self.target.propagate(start, self.axis, rules=rules, progress=progress)
+        start = self.last_slice if start is None and from_point is None else start
+        self.target.propagate(start, self.axis, rules=rules, progress=progress, from_point=from_point, coordinates=coordinates)
         if cross_axes:
             self._fuse_cross_axes(rules)
         return self.result()  # type: ignore[return-value]

@@ -267,15 +267,20 @@ class Target:
         return self._interact(axis, touched, paint, propagate, record, per_index=True)
 
     def propagate(self, start: Optional[int] = None, axis: Optional[int] = None, *, rules: Optional[TravelRules] = None,
-                  progress: Optional[Progress] = None) -> Delta:
-        """Carry the result on canonical slice `start` (default: the last prompted one) through the neighbours.
+                  progress: Optional[Progress] = None, from_point: Optional[Sequence[float]] = None,
+                  coordinates: CoordinateSystem = "ijk") -> Delta:
+        """Carry the result on one slice through its neighbours along `axis`.
 
-        Unlike a prompt's own travel, the default here does not stop on agreement: it redoes the whole run.
+        The slice is the one through `from_point` (a source point: IJK, RAS or LPS), else canonical
+        slice `start` of `encoded.view`, else the last prompted one. Unlike a prompt's own travel,
+        the default rules do not stop on agreement: the whole run is redone.
         """
         if self.encoded.ndim != 3:
             raise ValueError("Propagation needs a 3D volume; this image is 2D.")
         axis = (self._last[0] if self._last else self.axis) if axis is None else axis
         self.encoded.check_axis(axis)
+        if from_point is not None:
+            start = self.encoded.locate(from_point, coordinates, axis).index
         if start is None:
             start = self._last[1] if self._last and self._last[0] == axis else None
         if start is None or not 0 <= start < self.encoded.num_slices(axis):

@@ -254,3 +254,17 @@ def test_one_click_segments_a_ct_ellipsoid_in_3d_without_leaking():
     dice = 2 * (result & ellipsoid).sum() / (result.sum() + ellipsoid.sum())
     assert dice >= 0.9  # was 0.05 when propagation leaked into 86 % of every slice
     assert (result & ~ellipsoid).sum() <= 0.1 * result.sum()
+
+
+def test_propagation_can_start_from_a_source_point(encoded):
+    rules = TravelRules(min_quality=0.0, min_area_ratio=0.0, max_area_ratio=1e9, agreement=None)
+    by_point, by_index = Target(encoded, rules=rules), Target(encoded, rules=rules)
+    for target in (by_point, by_index):
+        target.click([10, 12, 5], propagate=False)
+    ras = encoded.geometry.index_to_ras([10, 12, 5])
+
+    from_point = by_point.propagate(from_point=ras, coordinates="ras", rules=rules)
+    from_index = by_index.propagate(encoded.locate([10, 12, 5]).index, 0, rules=rules)
+
+    assert from_point.slices == from_index.slices and len(from_point.slices) > 1
+    assert np.array_equal(by_point.result().probability, by_index.result().probability)
