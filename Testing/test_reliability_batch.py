@@ -344,7 +344,17 @@ def test_K01_ctrl_c_mid_run_prints_one_line_exits_130_and_leaves_only_whole_outp
     for n in range(5):
         write_ct(cases / f"case{n}.nrrd", shape=(24, 64, 64), spacing=(1.0, 1.0, 2.0))
     out = tmp_path / "out"
-    command = [sys.executable, str(BATCH_SCRIPT), *map(str, semantic(cases, out, "--threads", "1", "--device", "cpu"))]
+    # Each input after the first takes at least 3 s more, so Ctrl-C always lands mid-run, however fast the machine.
+    slow_batch = (f"import sys, time; sys.path.insert(0, {str(BATCH_SCRIPT.parent)!r}); import batch\n"
+                  "from KPrismSlicerLib.logic import KPrismLogic\n"
+                  "segment, calls = KPrismLogic.segment, []\n"
+                  "def slow(*args, **kwargs):\n"
+                  "    calls.append(1)\n"
+                  "    time.sleep(3 if len(calls) > 1 else 0)\n"
+                  "    return segment(*args, **kwargs)\n"
+                  "KPrismLogic.segment = slow\n"
+                  "sys.exit(batch.main(sys.argv[1:]))\n")
+    command = [sys.executable, "-c", slow_batch, *map(str, semantic(cases, out, "--threads", "1", "--device", "cpu"))]
     with open(tmp_path / "stderr.txt", "w+", encoding="utf-8") as errors:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=SUBPROCESS_ENV, encoding="utf-8")
         try:
