@@ -14,7 +14,7 @@ from slicer.util import VTKObservationMixin
 
 from KPrismSlicerLib import install
 from KPrismSlicerLib.logic import KPrismLogic, KPrismUnavailable, SegmentationCancelled, known_models
-from KPrismSlicerLib.nodes import InputError, create_prompt_node
+from KPrismSlicerLib.nodes import InputError, create_prompt_node, placement_axis
 from KPrismSlicerLib.parameters import AXES, KPrismSlicerParameterNode
 
 
@@ -231,7 +231,7 @@ class KPrismSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if session.segment_id:
                 self.ui.targetSegmentSelector.setCurrentSegmentID(session.segment_id)
             if result is not None:
-                self.ui.statusLabel.text = _("{n} voxels, predicted quality (Dice) {q:.2f}").format(n=int(result.mask.sum()), q=result.quality)
+                self.ui.statusLabel.text = _("{n} voxels, predicted quality (Dice) {q:.2f}").format(n=result.voxels, q=result.quality)
         except (InputError, KPrismUnavailable, ValueError, RuntimeError) as error:
             self.ui.statusLabel.text = str(error)
         except Exception as error:
@@ -239,8 +239,10 @@ class KPrismSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Prompt failed: {error}").format(error=error)
 
     def onPointPlaced(self, caller, event) -> None:
-        if self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.outputSegmentation:
-            self._prompt(lambda session: session.add_fiducial(caller))
+        p = self._parameterNode
+        if p and p.inputVolume and p.outputSegmentation:  # the click slices along the view it was placed in
+            axis = placement_axis(slicer.mrmlScene, p.inputVolume)
+            self._prompt(lambda session: session.add_fiducial(caller, axis=axis))
 
     def onApplyBox(self) -> None:
         self._prompt(lambda session: session.add_box(self._parameterNode.box))
@@ -291,10 +293,7 @@ class KPrismSlicerTest(ScriptedLoadableModuleTest):
         ijkToRAS = np.array([[c, -s, 0, -30.0], [s, c, 0, 12.5], [0, 0, 1, 88.0], [0, 0, 0, 1]]) @ np.diag([0.8, 1.1, 3.0, 1])
         volume = slicer.util.addVolumeFromArray(blob, ijkToRAS, name="blob")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
-        points.AddControlPoint((ijkToRAS @ [24, 20, 6, 1])[:3].tolist())
-        session = KPrismSlicerLogic().interactive(volume, segmentation)
-        session.add_fiducial(points)
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, session.segment_id, volume)
+        clicked = KPrismSlicerLogic().interactive(volume, segmentation).add_click((ijkToRAS @ [24, 20, 6, 1])[:3])
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, clicked.segment_id, volume)
         self.assertEqual(mask[6, 20, 24], 1)
         self.delayDisplay("Test passed")

@@ -162,3 +162,21 @@ def test_partial_files_of_a_killed_run_are_removed_on_the_rerun(tmp_path):
     unrelated.write_bytes(b"another shard's")
     assert batch.remove_stale_temporaries(out, [target]) == 1
     assert not partial.exists() and unrelated.exists()
+
+
+def test_CR4_the_batch_goes_through_the_pipeline_like_the_command_line(tmp_path, capsys):
+    """Repeated classes: one segment and the same note as `kprism segment`; prompts with several classes: refused."""
+    write_blob(tmp_path / "blob.nii.gz")
+    code = batch.main(["--input", str(tmp_path / "blob.nii.gz"), "--output", str(tmp_path / "out"), "--mode", "semantic",
+                       "--classes", "liver,spleen,liver", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 0 and "kprism batch: warning: Repeated class names are segmented once: liver." in err
+    _, _, segments = read_segmentation(tmp_path / "out" / "blob.seg.nrrd")
+    assert [s["name"] for s in segments] == ["liver", "spleen"]
+
+    (tmp_path / "prompts.json").write_text(json.dumps({"points": [{"position": [24, 20, 6]}]}), encoding="utf-8")
+    code = batch.main(["--input", str(tmp_path / "blob.nii.gz"), "--output", str(tmp_path / "refused"), "--mode", "semantic",
+                       "--classes", "liver,spleen", "--prompts", str(tmp_path / "prompts.json"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "blob.nii.gz: FAILED: Prompts and an initial mask refine one structure: give a single class" in err
+    assert not (tmp_path / "refused" / "blob.seg.nrrd").exists()

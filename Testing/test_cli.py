@@ -188,3 +188,34 @@ def test_several_classes_make_one_label_map_with_named_segments(tmp_path):
     labels, geometry, segments = read_segmentation(out)
     assert [s["name"] for s in segments] == ["liver", "spleen", "aorta"] and [s["value"] for s in segments] == [1, 2, 3]
     assert labels.shape == (30, 101, 122) and set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+
+
+def test_CR4_several_classes_cannot_be_propagated(tmp_path, capsys):
+    oblique_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "x.nii.gz"
+    code = main(["segment", str(tmp_path / "ct.nii.gz"), "--classes", "liver,spleen", "--propagate", "--out", str(out)])
+    assert code == 1 and not out.exists()
+    assert "--propagate carries one structure: use it with prompts, --init-mask or a single class." in capsys.readouterr().err
+
+
+def test_CR4_segment_writes_what_the_pipeline_computes_with_its_provenance(tmp_path, capsys):
+    """`kprism segment` is arguments → SegmentationRequest → pipeline.run → file: nothing else decides the result."""
+    from kprism.pipeline import SegmentationRequest, run as run_request
+    from kprism.prompt_file import load_prompt_file
+    from kprism.samples import sample_path
+    from kprism.session import KPrismSession
+
+    picture = sample_path("chest_xray", "MCUCXR_0013_0.png")
+    (tmp_path / "p.json").write_text(json.dumps({"points": [{"position": [300, 250], "positive": False}]}), encoding="utf-8")
+    out = tmp_path / "lung.seg.nrrd"
+    assert main(["segment", str(picture), "--classes", "lung", "--prompts", str(tmp_path / "p.json"), "--out", str(out),
+                 "--threads", "1"]) == 0
+    labels, _, segments = read_segmentation(out)
+
+    session = KPrismSession(threads=1)
+    session.set_image(read_image(picture))
+    outcome = run_request(SegmentationRequest(classes=["lung"], prompts=load_prompt_file(tmp_path / "p.json")), session)
+    assert np.array_equal(labels[0], outcome.labels()) and labels.any()
+    assert json.loads(segments[0]["tags"]["KPrism.Provenance"]) == {
+        "model": "kprism-tiny", "modality": "unknown", "classes": ["lung"], "prompts": str(tmp_path / "p.json")}
+    assert f"lung: {int(outcome.labels().sum())} voxels" in capsys.readouterr().out

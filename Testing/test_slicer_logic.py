@@ -489,3 +489,210 @@ def test_propagation_from_a_clicked_slice_fills_its_neighbours_and_undoes_as_one
     assert provenance(segmentation, session.segment_id)["prompts"][-1]["type"] == "propagate"
     session.undo()
     assert np.array_equal(segment_array(segmentation, session.segment_id, volume), clicked)
+
+
+# ----------------------------------------------------------------------------------------------- sessions and views (issue 11)
+
+
+def slice_view(scene, orientation: str):
+    """A slice view node as the application has it, set to a named orientation."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # the application's Axial/Coronal/Sagittal
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    assert node.SetOrientation(orientation)
+    return node
+
+
+def reformat_view(scene, normal) -> object:
+    """A slice view whose plane has the given RAS normal (a reformat: no named orientation)."""
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    normal = np.asarray(normal, float) / np.linalg.norm(normal)
+    helper = np.array([0.0, 0.0, 1.0]) if abs(normal[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    x = np.cross(helper, normal)
+    x /= np.linalg.norm(x)
+    matrix = np.eye(4)
+    matrix[:3, 0], matrix[:3, 1], matrix[:3, 2] = x, np.cross(normal, x), normal
+    node.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(matrix))
+    node.UpdateMatrices()
+    return node
+
+
+def test_M3_view_axis_maps_named_views_and_reformats_to_the_volumes_canonical_axes(scene):
+    from slicer_fixture import rotation
+
+    for orientation, axis in (("Axial", 0), ("Coronal", 1), ("Sagittal", 2)):
+        assert nodes.view_axis(slice_view(scene, orientation)) == axis
+    # A plane 60° from sagittal towards coronal: the patient axis nearest its normal is A (coronal)…
+    angle = np.radians(60)
+    reformat = reformat_view(scene, (np.cos(angle), np.sin(angle), 0.0))
+    assert reformat.GetOrientation() == "Reformat" and nodes.view_axis(reformat) == 1
+    # …but on a volume turned 40° about S the plane is 20° from that volume's sagittal slices.
+    turned = add_volume(scene, blob_array(), rotation(2, 40) @ np.diag([0.8, 1.1, 3.0, 1.0]), "turned")
+    assert nodes.view_axis(reformat, turned) == 2
+    # The canonical axis is the volume's, whatever its voxel order: i along S, j along A, k along R.
+    permuted = np.zeros((4, 4))
+    permuted[2, 0], permuted[1, 1], permuted[0, 2], permuted[3, 3] = 3.0, 1.1, 0.8, 1.0
+    stored = add_volume(scene, blob_array().transpose(2, 1, 0).copy(), permuted, "permuted")
+    assert [nodes.view_axis(slice_view(scene, o), stored) for o in ("Axial", "Coronal", "Sagittal")] == [0, 1, 2]
+
+
+def test_M3_placement_axis_is_the_slice_view_under_the_mouse(scene, blob):
+    volume, _, _ = blob
+    crosshair = scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    crosshair.SetCursorPositionXYZ([10.0, 20.0, 0.0], slice_view(scene, "Sagittal"))
+    assert nodes.placement_axis(scene, volume) == 2
+    crosshair.SetCursorPositionXYZ([10.0, 20.0, 0.0], slice_view(scene, "Coronal"))
+    assert nodes.placement_axis(scene, volume) == 1
+    crosshair.SetCursorPositionRAS([1.0, 2.0, 3.0])  # a 3D view: no slice view under the mouse
+    assert nodes.placement_axis(scene, volume) is None
+
+
+def test_m1_region_writes_replace_only_their_box_and_leave_other_segments_alone(blob):
+    volume, segmentation, mask = blob
+    rng = np.random.default_rng(11)
+    ours = mask & (rng.random(mask.shape) > 0.2)
+    theirs = np.zeros_like(mask)
+    theirs[2:10, 30:38, 2:12] = True  # beside ours: both end up on one shared layer
+    ours_id = nodes.write_segment(segmentation, volume, ours, name="ours")
+    theirs_id = nodes.write_segment(segmentation, volume, theirs, name="theirs")
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 1
+    expected = ours.copy()
+    for box in [(slice(4, 8), slice(10, 30), slice(10, 40)),  # inside our extent: some voxels go, some come
+                (slice(0, 12), slice(24, 36), slice(0, 22)),  # over the other segment, beyond our extent
+                (slice(6, 7), slice(0, 40), slice(0, 48))]:  # a whole slice, cleared
+        new = rng.random(tuple(s.stop - s.start for s in box)) > 0.5
+        if box[0].stop - box[0].start == 1:
+            new[:] = False
+        nodes.write_segment_region(segmentation, volume, box, new, ours_id, tags={"step": box[0].start})
+        expected[box] = new
+        assert np.array_equal(segment_array(segmentation, ours_id, volume), expected)
+        assert np.array_equal(segment_array(segmentation, theirs_id, volume), theirs)  # never touched
+    assert nodes.segment_tag(segmentation.GetSegmentation().GetSegment(ours_id), "step") == "6"
+    created = nodes.write_segment_region(segmentation, volume, (slice(3, 5), slice(3, 6), slice(3, 9)),
+                                         np.ones((2, 3, 6), bool), name="new")
+    created_mask = segment_array(segmentation, created, volume)
+    assert created_mask.sum() == 36 and created_mask[3:5, 3:6, 3:9].all()
+    with pytest.raises(ValueError, match="not a box of the volume"):
+        nodes.write_segment_region(segmentation, volume, (slice(3, 3), slice(0, 4), slice(0, 4)), np.ones((0, 4, 4)), ours_id)
+
+
+def test_m1_interactive_prompts_rewrite_only_the_box_they_changed(scene, logic, blob, monkeypatch):
+    """Slicer audit m1: no whole-volume write per click; the segment still equals the session's 3D result."""
+    volume, segmentation, mask = blob
+    to_ras = oblique_ijk_to_ras()
+    whole_writes, region_writes = [], []
+    real_region = nodes.write_segment_region
+    monkeypatch.setattr(nodes, "write_segment", lambda *args, **kwargs: whole_writes.append(args))
+    monkeypatch.setattr(nodes, "write_segment_region",
+                        lambda *args, **kwargs: region_writes.append(args[2]) or real_region(*args, **kwargs))
+    session = logic.interactive(volume, segmentation, name="blob")
+
+    def written_as_computed() -> bool:
+        return np.array_equal(segment_array(segmentation, session.segment_id, volume), session.target.result().mask)
+
+    first = session.add_click((to_ras @ [24, 20, 6, 1])[:3])
+    assert written_as_computed() and first.voxels == segment_array(segmentation, first.segment_id, volume).sum() > 0
+    second = session.add_click((to_ras @ [30, 20, 8, 1])[:3], positive=False)
+    assert written_as_computed() and second.voxels == segment_array(segmentation, second.segment_id, volume).sum()
+    box_voxels = int(np.prod([s.stop - s.start for s in second.region]))
+    assert 0 < box_voxels < mask.size / 4  # a box around the change, not the volume
+    assert region_writes[-1] == second.region
+    for step in (session.undo, session.redo, session.undo):
+        step()
+        assert written_as_computed()
+    assert np.array_equal(segment_array(segmentation, session.segment_id, volume) > 0,
+                          segment_array(segmentation, first.segment_id, volume) > 0)
+    assert whole_writes == [] and len(region_writes) >= 5
+    assert session.redo() is not None and written_as_computed() and session.redo() is None
+
+
+def test_CR1_two_interactive_sessions_keep_their_own_undo(scene, logic, blob):
+    """Code review finding 1: A clicks twice, B clicks once, A.undo() must take back A's second click."""
+    volume, segmentation, mask = blob
+    to_ras = oblique_ijk_to_ras()
+    a = logic.interactive(volume, segmentation, name="A")
+    a.add_click((to_ras @ [24, 20, 6, 1])[:3])
+    a_after_one = segment_array(segmentation, a.segment_id, volume).copy()
+    a.add_click((to_ras @ [31, 20, 6, 1])[:3], positive=False)
+    a_after_two = segment_array(segmentation, a.segment_id, volume).copy()
+    b = logic.interactive(volume, segmentation, name="B")
+    b.add_click((to_ras @ [24, 20, 6, 1])[:3])
+    b_after_one = segment_array(segmentation, b.segment_id, volume).copy()
+
+    assert a.encoded is b.encoded  # one encoded volume, two structures
+    assert not np.array_equal(a_after_two, a_after_one)
+    a.undo()
+    assert np.array_equal(segment_array(segmentation, a.segment_id, volume), a_after_one)
+    assert len(provenance(segmentation, a.segment_id)["prompts"]) == len(a.prompts) == 1
+    assert np.array_equal(segment_array(segmentation, b.segment_id, volume), b_after_one)  # B untouched
+    b.undo()
+    assert not segment_array(segmentation, b.segment_id, volume).any()
+    assert np.array_equal(segment_array(segmentation, a.segment_id, volume), a_after_one)  # A untouched by B's undo
+    a.redo()
+    assert np.array_equal(segment_array(segmentation, a.segment_id, volume), a_after_two)
+
+
+def test_M3_a_click_on_a_sagittal_slice_changes_that_slice_and_the_3d_result(scene, logic, blob):
+    """Slicer audit M3: the click is answered along the view it was placed in, then travels in 3D."""
+    volume, segmentation, mask = blob
+    ijk = [24, 20, 6]
+    ras = (oblique_ijk_to_ras() @ [*ijk, 1])[:3]
+    axis = nodes.view_axis(slice_view(scene, "Sagittal"), volume)
+    fiducial = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "click")
+    fiducial.AddControlPoint(ras.tolist())
+    session = logic.interactive(volume, segmentation)
+
+    result = session.add_fiducial(fiducial, axis=axis)
+
+    sagittal = session.encoded.locate(ijk, "ijk", 2).index
+    assert axis == 2 and result.axis == 2 and result.slices[0] == sagittal  # the clicked sagittal slice came first
+    written = segment_array(segmentation, session.segment_id, volume)
+    # On that sagittal slice (i = 24: every k and j) the blob's cross-section, not an axial line.
+    assert dice(written[:, :, 24], mask[:, :, 24]) > 0.8 and len(np.unique(np.nonzero(written[:, :, 24])[0])) > 3
+    # The change travelled to the neighbouring sagittal slices: the 3D result.
+    columns = np.nonzero(written.any(axis=(0, 1)))[0].tolist()
+    assert columns == list(range(columns[0], columns[-1] + 1)) and len(columns) > 10 and dice(written, mask) > 0.8
+    assert provenance(segmentation, session.segment_id)["prompts"][0]["axis"] == 2
+    session.undo()
+    assert not segment_array(segmentation, session.segment_id, volume).any()
+
+
+def test_CR1_a_run_is_continued_only_while_its_segment_is_as_it_wrote_it(scene, logic):
+    volume, truth = xray_volume(scene, "MCUCXR_0013_0")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    lung_id = logic.segment(volume, segmentation, "semantic", classes=["lung"], modality="x-ray")["lung"]
+    edited = segment_array(segmentation, lung_id, volume).copy()
+    top = np.nonzero(edited[0].any(axis=1))[0][0]
+    edited[0, top : top + 30] = 0  # the user erased the lungs' apices in the Segment Editor
+    nodes.write_segment(segmentation, volume, edited, lung_id)
+
+    session = logic.interactive(volume, segmentation, lung_id, modality="x-ray")
+    assert np.array_equal(session.target.result().mask, edited)  # starts from what is there, not the run's result
+    rows, columns = np.nonzero(edited[0])
+    session.add_click(nodes.volume_ras(volume, [columns[len(columns) // 2], rows[len(rows) // 2], 0]), positive=True)
+
+    tag = provenance(segmentation, lung_id)
+    assert tag["mode"] == "interactive" and tag["refined"] == "lung" and "continues" not in tag
+
+
+def test_CR4_blocking_refusals_come_from_the_one_pipeline(scene, logic, blob):
+    volume, segmentation, _ = blob
+    ras = (oblique_ijk_to_ras() @ [24, 20, 6, 1])[:3]
+    with pytest.raises(ValueError, match="Prompts and an initial mask refine one structure: give a single class"):
+        logic.segment(volume, segmentation, "semantic", classes=["liver", "spleen"], prompts=[Prompt.point(ras)])
+    with pytest.warns(UserWarning, match="Repeated class names are segmented once: liver"):
+        written = logic.segment(volume, segmentation, "semantic", classes=["liver", "liver"])
+    assert list(written) == ["liver"] and len(nodes.segment_ids(segmentation)) == 1
+
+
+def test_m1_a_segment_deleted_during_a_session_comes_back_whole_on_the_next_prompt(scene, logic, blob):
+    volume, segmentation, _ = blob
+    to_ras = oblique_ijk_to_ras()
+    session = logic.interactive(volume, segmentation, name="blob")
+    first = session.add_click((to_ras @ [24, 20, 6, 1])[:3])
+    segmentation.GetSegmentation().RemoveSegment(first.segment_id)  # the user deleted it in the Segment Editor
+
+    second = session.add_click((to_ras @ [31, 20, 6, 1])[:3], positive=False)
+
+    assert second.segment_id == first.segment_id
+    assert np.array_equal(segment_array(segmentation, second.segment_id, volume), session.target.result().mask)
+    assert second.voxels == session.target.result().mask.sum() > 0

@@ -78,16 +78,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     download.add_argument("name")
     evaluate = sub.add_parser("eval", help="Score a model on nnU-Net datasets (imagesTs/labelsTs, else imagesTr).")
     evaluate.add_argument("--dataset", action="append", required=True, help="dataset folder (repeatable)")
-    evaluate.add_argument("--mode", default="all", choices=["semantic", "onepass", "incontext", "interactive", "scribble", "all"],
-                          help="all = every mode the model supports (onepass needs its class head)")
+    evaluate.add_argument("--mode", default="all",
+                          choices=["semantic", "onepass", "incontext", "interactive", "scribble", "chained", "all"],
+                          help="all = every mode the model supports (onepass needs its class head); chained = semantic "
+                               "or in-context first, then clicks; with --protocol cvpr25: interactive (3D box, then "
+                               "clicks), chained, or all (both)")
     evaluate.add_argument("--protocol", default="kprism", choices=["kprism", "ritm", "cvpr25"],
-                          help="kprism / ritm: 2D per-slice with that click rule; cvpr25: 3D box + 5 clicks per structure")
-    evaluate.add_argument("--clicks", type=int, default=20, help="clicks per target (default 20)")
+                          help="kprism / ritm: 2D per-slice with that click rule; cvpr25: 3D box + 5 clicks per structure, "
+                               "each click on the largest 3D error, in the view that shows it widest")
+    evaluate.add_argument("--clicks", type=_positive_int("--clicks"),
+                          help="clicks per target (default 20; 5 with --protocol cvpr25)")
     evaluate.add_argument("--references", default="1,2", help="in-context reference counts, e.g. 1,2")
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of each dataset")
     evaluate.add_argument("--max-slices", type=int, default=5, help="labelled slices per label and volume (default 5)")
     evaluate.add_argument("--json", help="write the summary (and per-item scores) here")
     evaluate.add_argument("--report", help="write report.md and click-curve plots into this folder")
+    evaluate.add_argument("--compare", help="an earlier --json report of the cvpr25 protocol: report.md gives its numbers beside these")
     _add_runtime(evaluate)
     train = sub.add_parser("train", help="Train a model from a YAML or JSON config (see configs/).")
     train.add_argument("config")
@@ -127,90 +133,58 @@ def _session(args: argparse.Namespace):
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .io import check_output_path, read_image, read_mask, render_overlay, write_output
-    from .prompt_file import apply_prompts, load_prompt_file
-    from .session import Reference, unique_class_names
+    """Parse the arguments into a request, run it through the pipeline, write the result."""
+    from .io import check_output_path, read_image, render_overlay, write_output
+    from .pipeline import run
 
     check_output_path(args.out, args.image)  # fail before any work
     if args.overlay:
         check_output_path(args.overlay, args.image, suffixes=(".png",))
-    prompts = load_prompt_file(args.prompts) if args.prompts else None
-    classes = unique_class_names([c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else [])
-    if classes and args.reference:
-        raise ValueError("Use either --classes (semantic) or --reference (in-context), not both.")
-    interactive = bool(args.init_mask or (prompts and not prompts.is_empty()))
-    if len(classes) > 1 and interactive:
-        raise ValueError("Prompts and --init-mask refine one structure: give a single class with them.")
-    if args.cross_axes and not args.propagate:
-        raise ValueError("--cross-axes refines --propagate: give both.")
-    if not (classes or args.reference or interactive):
-        raise ValueError("Nothing to segment: give --classes, --reference, --prompts or --init-mask.")
-    if args.reference_label is not None and not args.reference:
-        raise ValueError("--reference-label picks a label of a --reference mask: give --reference IMAGE MASK too.")
-
+    request = _segmentation_request(args)
     image = read_image(args.image, modality=args.modality)
     check_output_path(args.out, args.image, ndim=image.ndim)
     session = _session(args)
-    for name in classes:
-        session.catalog.index(name)  # unknown names fail here, listing the known ones
+    request.check_classes(session.catalog)  # unknown names fail before the image is prepared
     session.set_image(image, axis=args.axis)
     print(f"modality: {session.modality_choice}")
-    progress = _progress_printer("segmenting") if image.ndim == 3 else None
-    provenance: dict = {"model": str(args.model or "kprism-tiny"), "modality": session.modality_choice.modality}
-    results = {}
-    if len(classes) > 1:
-        # Several classes straight into one label map: memory does not grow with the class count.
-        labelmap = session.segment_semantic_labels(classes, progress=progress, engine=args.engine)
-        return _write_labelmap(args, image, labelmap, session.catalog, {**provenance, "classes": classes})
-    if classes:
-        results = session.segment_semantic(classes, progress=progress, engine=args.engine)
-        provenance["classes"] = classes
-    elif args.reference:
-        refs = []
-        for ref_image, ref_mask in args.reference:
-            ref = read_image(ref_image)
-            refs.append(Reference(ref, read_mask(ref_mask, reference=ref).array, label=args.reference_label))
-        results = {args.name: session.segment_in_context(refs, progress=progress)}
-        provenance["references"] = [list(r) for r in args.reference]
-        if args.reference_label is not None:
-            provenance["reference_label"] = args.reference_label
-    if args.init_mask:
-        results = {classes[0] if classes else args.name: session.set_prior_mask(read_mask(args.init_mask, reference=image).array)}
-        provenance["init_mask"] = args.init_mask
-    if prompts and not prompts.is_empty():
-        results = {classes[0] if classes else args.name: apply_prompts(session, prompts)}
-        provenance["prompts"] = args.prompts
-    if args.propagate:
-        if len(results) != 1:
-            raise ValueError("--propagate carries one structure: use it with prompts, --init-mask or a single class.")
-        results = {next(iter(results)): session.propagate(cross_axes=args.cross_axes)}
-        provenance["propagate"] = "cross_axes" if args.cross_axes else True
-
-    labels, segments = _label_map(results, session.catalog)
-    for segment in segments:
-        segment["tags"] = {"KPrism.Provenance": json.dumps(provenance)}
-    written = write_output(labels, image.geometry, args.out, segments=segments, source_path=args.image)
-    for name, result in results.items():
-        print(_result_line(name, int(result.mask.sum()), result.quality, result.quality_kind))
+    outcome = run(request, session, progress=_progress_printer("segmenting") if image.ndim == 3 else None)
+    provenance = {"model": str(args.model or "kprism-tiny"), "modality": session.modality_choice.modality,
+                  **outcome.provenance}
+    labels = outcome.labels()
+    written = write_output(labels, image.geometry, args.out, segments=_segments(outcome, session.catalog, provenance),
+                           source_path=args.image)
+    for value, (name, quality) in enumerate(zip(outcome.names, outcome.qualities), start=1):
+        print(_result_line(name, int(np.count_nonzero(labels == value)), quality, outcome.quality_kind))
     print(f"wrote {written}")
     if args.overlay:
-        print(f"wrote {render_overlay(image, labels, args.overlay, title=', '.join(results))}")
+        print(f"wrote {render_overlay(image, labels, args.overlay, title=', '.join(outcome.names))}")
     return 0
 
 
-def _write_labelmap(args: argparse.Namespace, image, labelmap, catalog, provenance: dict) -> int:
-    from .io import render_overlay, write_output
+def _segmentation_request(args: argparse.Namespace):
+    """The command line as a checked request (before any file is read); the prompt file is parsed here."""
+    from .pipeline import CLI_NAMES, ReferenceFiles, SegmentationRequest
+    from .prompt_file import load_prompt_file
 
-    segments = [{"name": name, "value": value, "color": catalog.entry(name).color, "tags": {"KPrism.Provenance": json.dumps(provenance)}}
-                for value, name in enumerate(labelmap.names, start=1)]
-    written = write_output(labelmap.labels, image.geometry, args.out, segments=segments, source_path=args.image)
-    for value, (name, quality) in enumerate(zip(labelmap.names, labelmap.quality), start=1):
-        measure = "mean confidence" if labelmap.engine == "one_pass" else "predicted quality (Dice)"
-        print(_result_line(name, int((labelmap.labels == value).sum()), quality, measure))
-    print(f"wrote {written}")
-    if args.overlay:
-        print(f"wrote {render_overlay(image, labelmap.labels, args.overlay, title=', '.join(labelmap.names))}")
-    return 0
+    if args.reference_label is not None and not args.reference:
+        raise ValueError("--reference-label picks a label of a --reference mask: give --reference IMAGE MASK too.")
+    return SegmentationRequest(
+        classes=args.classes.split(",") if args.classes else (),
+        references=[ReferenceFiles(image, mask, args.reference_label) for image, mask in args.reference or []],
+        prompts=load_prompt_file(args.prompts) if args.prompts else None,
+        init_mask=args.init_mask, propagate=args.propagate, cross_axes=args.cross_axes, engine=args.engine,
+        axis=args.axis, name=args.name, names=CLI_NAMES,
+        provenance={key: value for key, value in (("references", [list(r) for r in args.reference or []]),
+                                                  ("init_mask", args.init_mask), ("prompts", args.prompts)) if value},
+    )
+
+
+def _segments(outcome, catalog, provenance: dict) -> list[dict]:
+    """Segment descriptions of the label map: value i+1 is the i-th name, coloured from the catalog."""
+    tags = {"KPrism.Provenance": json.dumps(provenance)}
+    return [{"name": name, "value": value, "tags": tags,
+             "color": catalog.entry(name).color if name in catalog else (241, 214, 145)}
+            for value, name in enumerate(outcome.names, start=1)]
 
 
 def _result_line(name: str, voxels: int, quality: float, measure: str) -> str:
@@ -219,18 +193,6 @@ def _result_line(name: str, voxels: int, quality: float, measure: str) -> str:
     if quality != quality:  # NaN: the session distrusts the result and has warned why
         return f"{name}: {voxels} voxels, {measure} unknown (not trusted, see the warning)"
     return f"{name}: {voxels} voxels, {measure} {quality:.2f}"
-
-
-def _label_map(results: dict, catalog) -> tuple[np.ndarray, list[dict]]:
-    """Results → one label map (value i+1 for the i-th result; where they overlap, the most probable wins)."""
-    names = list(results)
-    probabilities = np.stack([results[n].probability for n in names])
-    labels = np.where(probabilities.max(0) >= 0.5, probabilities.argmax(0) + 1, 0).astype(np.uint8)
-    segments = []
-    for value, name in enumerate(names, start=1):
-        color = catalog.entry(name).color if name in catalog else (241, 214, 145)
-        segments.append({"name": name, "value": value, "color": color})
-    return labels, segments
 
 
 def _progress_printer(what: str):
@@ -279,23 +241,34 @@ def _models(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .data.nnunet_v2 import load_dataset
     from .evaluate.protocols import MODES, Timings, evaluate_dataset, summarise
-    from .evaluate.volumetric import evaluate_volumes, summarise_volumes
+    from .evaluate.volumetric import CLICKS, VOLUME_MODES, evaluate_volumes, summarise_volumes
 
+    volumetric = args.protocol == "cvpr25"
+    if volumetric and args.mode not in (*VOLUME_MODES, "all"):
+        raise ValueError(f"--protocol cvpr25 scores --mode {', '.join(VOLUME_MODES)} or all, not {args.mode}.")
+    if args.compare and not (volumetric and args.report):
+        raise ValueError("--compare puts an earlier cvpr25 report beside this one: give --protocol cvpr25 and --report too.")
+    # Read before anything is written: --compare may name the very file --json replaces.
+    previous = json.loads(Path(args.compare).read_text(encoding="utf-8")) if args.compare else None
+    clicks = args.clicks or (CLICKS if volumetric else 20)
     session = _session(args)
     has_head = session.model.class_head is not None
-    modes = tuple(m for m in MODES if m != "onepass" or has_head) if args.mode == "all" else (args.mode,)
-    report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": args.clicks, "datasets": {}}
+    if volumetric:
+        modes = VOLUME_MODES if args.mode == "all" else (args.mode,)
+    else:
+        modes = tuple(m for m in MODES if m != "onepass" or has_head) if args.mode == "all" else (args.mode,)
+    report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": clicks, "datasets": {}}
     for folder in args.dataset:
         dataset = load_dataset(folder)
         if args.protocol == "cvpr25":
-            volumes = evaluate_volumes(session, dataset, max_cases=args.max_cases,
+            volumes = evaluate_volumes(session, dataset, max_cases=args.max_cases, modes=modes, clicks=clicks,
                                        progress=lambda what: print(f"  {what}", file=sys.stderr))
             report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), "modes": summarise_volumes(volumes),
                                                 "items": [vars(v) for v in volumes]}
             print(f"{dataset.name}: " + json.dumps(report["datasets"][dataset.name]["modes"]))
             continue
         timings = Timings()
-        items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=args.clicks,
+        items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=clicks,
                                  references=[int(r) for r in args.references.split(",")], max_cases=args.max_cases,
                                  max_slices_per_label=args.max_slices, timings=timings,
                                  progress=lambda what: print(f"  {what}", file=sys.stderr))
@@ -307,10 +280,13 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
-    if args.report and args.protocol != "cvpr25":
-        from .evaluate.report import write_report
+    if args.report:
+        from .evaluate.report import write_report, write_volume_report
 
-        print(f"wrote {write_report(report, Path(args.report))}")
+        if volumetric:
+            print(f"wrote {write_volume_report(report, Path(args.report), previous)}")
+        else:
+            print(f"wrote {write_report(report, Path(args.report))}")
     return 0
 
 

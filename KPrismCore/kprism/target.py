@@ -162,6 +162,15 @@ class Target:
         return len(self._undo)
 
     @property
+    def quality(self) -> float:
+        """The predicted quality averaged over the slices segmented so far (NaN when none was rated).
+
+        The same figure as `result().quality`, without copying the whole volume (a click's caller wants it at once).
+        """
+        rated = [q for q in self._quality.values() if not math.isnan(q)]
+        return float(np.mean(rated)) if rated else float("nan")
+
+    @property
     def anchors(self) -> set[tuple[int, int]]:
         """(axis, canonical slice) of every slice the user prompted: propagation never overwrites them."""
         return set(self._states)

@@ -138,10 +138,19 @@ def volume_to_image(volume_node: Any, modality: Optional[str] = None) -> "ImageD
 
 def slicing_axis(image: "ImageData", requested: int = 0) -> int:
     """The canonical axis to slice along: a single-slice volume is segmented on its one slice."""
+    return _slicing_axis(image.geometry, image.spatial_shape, requested)
+
+
+def volume_slicing_axis(volume_node: Any, requested: int = 0) -> int:
+    """:func:`slicing_axis` of a volume node, without copying its voxels."""
+    return _slicing_axis(geometry_of(volume_node), tuple(reversed(volume_node.GetImageData().GetDimensions())), requested)
+
+
+def _slicing_axis(geometry: "Geometry", shape: Sequence[int], requested: int) -> int:
     from kprism.orientation import CanonicalView
 
-    shape = CanonicalView.of(image.geometry, image.spatial_shape).canonical_shape
-    singletons = [axis for axis, size in enumerate(shape) if size == 1]
+    canonical = CanonicalView.of(geometry, tuple(shape)).canonical_shape
+    singletons = [axis for axis, size in enumerate(canonical) if size == 1]
     return singletons[0] if singletons else requested
 
 
@@ -236,28 +245,88 @@ def write_segment(
     size = volume_node.GetImageData().GetDimensions()
     if mask.shape != tuple(reversed(size)):
         raise ValueError(f"The mask has shape {mask.shape}; the volume {_name(volume_node)} has {tuple(reversed(size))}.")
+    segment_id = _segment_to_write(segmentation_node, volume_node, segment_id, name, color)
+    labelmap = _labelmap_on_volume_grid(volume_node, (0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1), mask)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    # MODE_REPLACE makes the segment exactly the given labelmap (cropped to the extent): a whole-volume write.
+    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE, labelmap.GetExtent()):
+        raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
+    segmentation_node.GetSegmentation().CollapseBinaryLabelmaps(False)  # share one layer where segments do not overlap
+    set_tags(segmentation_node, segment_id, tags)
+    return segment_id
+
+
+def write_segment_region(
+    segmentation_node: Any,
+    volume_node: Any,
+    region: Sequence[slice],
+    mask: np.ndarray,
+    segment_id: Optional[str] = None,
+    name: str = "KPrism",
+    color: Optional[Sequence[float]] = None,
+    tags: Optional[dict[str, Any]] = None,
+) -> str:
+    """Replace a segment inside one box of the volume's grid only; the rest of it stays as it is.
+
+    `region` is one slice per array axis ``(k, j, i)`` and `mask` its new 0/1 content. The cost
+    grows with the box and the segment's own extent, not with the volume. Slicer has no "replace
+    inside an extent" mode — ``MODE_REPLACE`` makes the segment equal to the given labelmap cropped
+    to the extent and drops everything outside it — so the box is written the way the Segment
+    Editor's "set" does: ``MODE_MERGE_MIN`` removes this segment's voxels where the mask is 0, then
+    ``MODE_MERGE_MASK`` adds them where it is 1, both limited to the box. Other segments are left
+    alone: the removal is masked by this segment, and an addition that would cover another segment
+    of a shared layer first moves this one to a layer of its own. Layers are not collapsed here
+    (that costs the whole volume per segment). Returns the segment ID.
+    """
+    mask = np.asarray(mask)
+    size = tuple(reversed(volume_node.GetImageData().GetDimensions()))  # (k, j, i)
+    bounds = [s.indices(n) for s, n in zip(region, size)]
+    if len(bounds) != 3 or any(step != 1 or start >= stop for start, stop, step in bounds):
+        raise ValueError(f"The region {list(region)} is not a box of the volume {_name(volume_node)} of size {size}.")
+    if mask.shape != tuple(stop - start for start, stop, _ in bounds):
+        raise ValueError(f"The mask has shape {mask.shape}; the region {list(region)} has another.")
+    segment_id = _segment_to_write(segmentation_node, volume_node, segment_id, name, color)
+    (k0, k1, _), (j0, j1, _), (i0, i1, _) = bounds
+    extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+    labelmap = _labelmap_on_volume_grid(volume_node, extent, mask)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK):
+        if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode, extent):
+            raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
+    set_tags(segmentation_node, segment_id, tags)
+    return segment_id
+
+
+def _segment_to_write(segmentation_node: Any, volume_node: Any, segment_id: Optional[str], name: str,
+                      color: Optional[Sequence[float]]) -> str:
+    """The segment to write into: `segment_id`, or a new empty one (the first takes the volume's geometry)."""
     segmentation = segmentation_node.GetSegmentation()
     if not segment_ids(segmentation_node):
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     if segment_id is None or segmentation.GetSegment(segment_id) is None:
-        segment_id = segmentation.AddEmptySegment(segment_id or "", name, list(_unit_color(color)))
-    elif color is not None:
+        return segmentation.AddEmptySegment(segment_id or "", name, list(_unit_color(color)))
+    if color is not None:
         segmentation.GetSegment(segment_id).SetColor(*_unit_color(color))
+    return segment_id
+
+
+def _labelmap_on_volume_grid(volume_node: Any, extent: Sequence[int], mask: np.ndarray):
+    """A 0/1 ``vtkOrientedImageData`` on the volume's voxel grid, covering `extent` (i0, i1, j0, j1, k0, k1)."""
     labelmap = slicer.vtkOrientedImageData()
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     labelmap.SetImageToWorldMatrix(matrix)
-    labelmap.SetDimensions(*size)
+    labelmap.SetExtent(*extent)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (mask > 0).ravel()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE, labelmap.GetExtent()):
-        raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
-    segmentation.CollapseBinaryLabelmaps(False)  # share one layer where segments do not overlap
-    segment = segmentation.GetSegment(segment_id)
+    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (np.asarray(mask) > 0).ravel()
+    return labelmap
+
+
+def set_tags(segmentation_node: Any, segment_id: str, tags: Optional[dict[str, Any]]) -> None:
+    """Set segment tags; values that are not strings are stored as JSON (see :func:`json_tag`)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     for key, value in (tags or {}).items():
         segment.SetTag(key, value if isinstance(value, str) else json_tag(value))
-    return segment_id
 
 
 def json_tag(value: Any) -> str:
@@ -342,6 +411,67 @@ def roi_corners(roi_node: Any) -> np.ndarray:
     signs = np.array([(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float)
     corners = np.hstack([signs * np.asarray(radius), np.ones((8, 1))])
     return (corners @ object_to_world.T)[:, :3]
+
+
+# ----------------------------------------------------------------------------------------------- views
+
+ORIENTATION_AXES = {"Axial": 0, "Coronal": 1, "Sagittal": 2}  # kprism's canonical axes: I→S, A→P, R→L
+
+
+def view_axis(slice_node: Any, volume_node: Any = None) -> int:
+    """The canonical axis a slice view cuts across: 0 axial, 1 coronal, 2 sagittal.
+
+    With `volume_node`, the axis whose slices of that volume lie closest to the view's plane
+    (its slice-to-RAS normal against the volume's axes, through any parent transform), so an
+    oblique volume or a reformatted view gets the slices the user is looking at. Without it, a
+    named orientation maps directly and a reformat goes to the patient axis nearest its normal.
+    """
+    normal = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())[:3, 2]
+    if volume_node is None:
+        named = ORIENTATION_AXES.get(slice_node.GetOrientation())
+        return named if named is not None else 2 - int(np.argmax(np.abs(normal)))  # R, A, S → 2, 1, 0
+    axes = _canonical_axis_directions(volume_node)
+    return int(np.argmax(np.abs(axes @ (normal / np.linalg.norm(normal)))))
+
+
+def placement_axis(scene: Any, volume_node: Any) -> Optional[int]:
+    """The canonical axis of the slice view under the mouse (where a point was just placed); None elsewhere.
+
+    Slice views report the mouse position to the scene's crosshair node; a 3D view does not.
+    """
+    crosshair = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    slice_node = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0]) if crosshair is not None else None
+    if slice_node is None:
+        return None
+    try:
+        return view_axis(slice_node, volume_node)
+    except ImportError:  # kprism not installed yet: the view's own orientation
+        return view_axis(slice_node)
+
+
+def _canonical_axis_directions(volume_node: Any) -> np.ndarray:
+    """Unit world-RAS direction of each canonical axis of the volume (rows 0, 1, 2)."""
+    from kprism.orientation import CanonicalView
+
+    size = np.asarray(volume_node.GetImageData().GetDimensions(), dtype=float)  # i, j, k
+    centre = (size - 1) / 2
+    world = [_to_world(volume_node, volume_ras(volume_node, centre + step)) for step in np.eye(3)]
+    origin = _to_world(volume_node, volume_ras(volume_node, centre))
+    index_directions = np.array([w - origin for w in world])  # rows: i, j, k
+    index_directions /= np.linalg.norm(index_directions, axis=1, keepdims=True)
+    view = CanonicalView.of(geometry_of(volume_node), tuple(int(n) for n in size[::-1]))
+    # Canonical axis a is source array axis permutation[a], i.e. index axis 2 - permutation[a].
+    return np.array([index_directions[2 - source] for source in view.permutation])
+
+
+def _to_world(volume_node: Any, ras: Sequence[float]) -> np.ndarray:
+    """A point in the volume's own frame → world RAS (through its parent transform, if any)."""
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return np.asarray(ras, dtype=float)
+    to_world = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, to_world)
+    return np.asarray(to_world.TransformPoint([float(v) for v in ras]))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
