@@ -365,10 +365,11 @@ class KPrismSession:
         self.target.propagate(start, self.axis, rules=rules, progress=progress, from_point=from_point, coordinates=coordinates)
         if cross_axes:
             self._fuse_cross_axes(rules)
+            self.target.merge_steps(2, {"propagate": {"axis": self.axis, "start": start}, "cross_axes": True})
         return self.result()  # type: ignore[return-value]
 
     def _fuse_cross_axes(self, rules: TravelRules) -> None:
-        """Averages the target with its re-propagation along the two other axes (one more undo step)."""
+        """Averages the target with its re-propagation along the two other axes (merged into the propagation's undo step)."""
         target = self.target
         mask = target.result().mask
         probabilities = [target.result().probability]

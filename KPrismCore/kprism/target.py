@@ -13,7 +13,13 @@ In 3D a prompt re-segments the slice it was placed on (along the axis of the vie
 in), then the change travels through the neighbouring slices in both directions — each slice
 segmented in-context from the last accepted one and the prompted one — until the result agrees
 with what was there, a slice the user prompted (an anchor, never overwritten) is reached, or a
-stop rule fires: low predicted quality, the structure shrinking away, or its area jumping (a leak).
+stop rule fires: low predicted quality, the structure shrinking away, its area jumping (a leak), or
+the region drifting away from what the prompted slice shows (its mean encoder feature inside the
+mask; the liver of a CT otherwise travelled 40 slices into the bowel: 3D Dice 0.37 → 0.58).
+
+A single prompt first travels two slices each way, answers its own slice again with those
+neighbours as examples (`_consolidate`), then travels from there: on a synthetic CT ellipsoid one
+click gives 3D Dice 0.92 (0.05 when propagation leaked, 0.85 without the second answer).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .model_grid import box_edges, click_point, prior_from_logits, prior_from_pr
 from .preprocess import resize_mask
 
 CONSOLIDATION_MARGIN = 0.05  # predicted Dice gain needed to re-answer a prompted slice from its neighbours
+CONSOLIDATION_DISTANCE = 2  # slices on each side that a prompt's first, short run fills for that
 
 
 @dataclass
@@ -116,6 +123,7 @@ class TravelRules:
     max_area_ratio: float = 1.6  # the mask grows beyond this multiple of the previous slice's: a leak
     growth_slack: float = 0.05  # …plus this share of the slice, so small structures may grow
     agreement: Optional[float] = 0.97  # Dice with what was there at or above this: nothing more to change
+    min_similarity: Optional[float] = 0.82  # features inside the mask drift this far from the prompted slice's: stop
 
 
 class Target:
@@ -302,6 +310,24 @@ class Target:
             self._record({"propagate": {"axis": axis, "start": start}})
         return self._delta(axis, touched)
 
+    def merge_steps(self, count: int, record: dict) -> None:
+        """Make the last `count` steps one (one undo takes them all back), described by `record`."""
+        if count < 2 or len(self._undo) < count:
+            return
+        steps = self._undo[-count:]
+        del self._undo[-count:]
+        merged = _Step(last=steps[0].last, record=record)
+        for step in steps:
+            merged.writes.extend(step.writes)
+            for key, state in step.states.items():
+                merged.states.setdefault(key, state)
+            if merged.knowledge is None:
+                merged.knowledge = step.knowledge
+            if step.record is not None and step.record in self.provenance:
+                self.provenance.remove(step.record)
+        self.provenance.append(record)
+        self._undo.append(merged)
+
     def undo(self) -> Optional[Delta]:
         """Take back the last step (a box over many slices, with its travel, counts as one)."""
         return self._replay(self._undo, self._redo)
@@ -327,11 +353,17 @@ class Target:
             self._last = (axis, indices[-1] if len(indices) == 1 else indices[len(indices) // 2])
             for index, logits, quality in self._decode_each(axis, indices, prompts):
                 self._write(axis, index, self.encoded.to_slice_grid(axis, logits), float(quality), logits)
-            if travel:
+            if travel and len(indices) == 1:
+                # A short first run gives the prompted slice neighbours to learn from (see _consolidate); the
+                # full run then starts from the prompted slice as answered with them.
+                short = TravelRules(self.rules.min_quality, self.rules.min_area_ratio, self.rules.max_area_ratio,
+                                    self.rules.growth_slack, self.rules.agreement, min_similarity=None)
+                self._travel(axis, indices[0], short, None, max_steps=CONSOLIDATION_DISTANCE)
+                self._consolidate(axis, indices[0], states[0])
+                self._travel(axis, indices[0], self.rules, None)
+            elif travel:
                 for start in sorted({indices[0], indices[-1]}):
                     self._travel(axis, start, self.rules, None, only_outward_of=(indices[0], indices[-1]))
-                if len(indices) == 1 and self._consolidate(axis, indices[0], states[0]):
-                    self._travel(axis, indices[0], self.rules, None)
             self._record(record)
         return self._delta(axis, touched)
 
@@ -346,7 +378,7 @@ class Target:
             yield index, logits[0], quality[0]
 
     def _travel(self, axis: int, start: int, rules: TravelRules, progress: Optional[Progress],
-                only_outward_of: Optional[tuple[int, int]] = None) -> None:
+                only_outward_of: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None) -> None:
         """Carry slice `start`'s mask to its neighbours along `axis` until a stop rule fires (see the module doc)."""
         seed = self._slice(self._volume, axis, start) >= 0.5
         if not seed.any():
@@ -354,6 +386,7 @@ class Target:
         count = self.encoded.num_slices(axis)
         slice_area = seed.size
         anchor = (self.encoded.features(axis, [start])[0].embedding, resize_mask(seed, self.size))
+        anchor_look = _masked_mean(anchor[0], anchor[1])
         done = 0
         for direction in (1, -1):
             if only_outward_of and not (direction > 0 and start == only_outward_of[1]
@@ -361,7 +394,7 @@ class Target:
                 continue
             previous, previous_area = anchor, int(seed.sum())
             index = start + direction
-            while 0 <= index < count and (axis, index) not in self._states:
+            while 0 <= index < count and (axis, index) not in self._states and (max_steps is None or abs(index - start) <= max_steps):
                 references = [previous] if previous is anchor else [previous, anchor]
                 prompts = Prompts(ref_features=torch.cat([f for f, _ in references])[None],
                                   ref_masks=torch.stack([m for _, m in references])[None, :, None])
@@ -373,12 +406,16 @@ class Target:
                     break
                 if area > rules.max_area_ratio * previous_area + rules.growth_slack * slice_area:
                     break
+                features = self.encoded.features(axis, [index])[0].embedding
+                if rules.min_similarity is not None and float(torch.nn.functional.cosine_similarity(
+                        _masked_mean(features, resize_mask(mask, self.size)), anchor_look, dim=0)) < rules.min_similarity:
+                    break  # a slow drift into a neighbouring structure: it no longer looks like what was prompted
                 old = self._slice(self._volume, axis, index) >= 0.5
                 unchanged = rules.agreement is not None and old.any() and dice(old, mask) >= rules.agreement
                 self._write(axis, index, probability, float(quality[0]), logits[0])
                 if unchanged:
                     break
-                previous = (self.encoded.features(axis, [index])[0].embedding, resize_mask(mask, self.size))
+                previous = (features, resize_mask(mask, self.size))
                 previous_area = area
                 index += direction
                 done += 1
@@ -546,6 +583,12 @@ class Target:
         values.flags.writeable = False
         ordered = tuple(dict.fromkeys(i for a, i in touched if a == axis))
         return Delta(region, values, axis, ordered)
+
+
+def _masked_mean(embedding: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean encoder feature (C,) inside a model-grid mask: what the marked region looks like to the model."""
+    weight = torch.nn.functional.interpolate(mask.float()[None, None], size=embedding.shape[-2:], mode="area")[0, 0]
+    return (embedding[0] * weight).sum((1, 2)) / weight.sum().clamp(min=1e-6)
 
 
 def _slice_view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -268,3 +268,25 @@ def test_propagation_can_start_from_a_source_point(encoded):
 
     assert from_point.slices == from_index.slices and len(from_point.slices) > 1
     assert np.array_equal(by_point.result().probability, by_index.result().probability)
+
+
+@pytest.mark.shared
+def test_one_click_segments_the_liver_of_a_shared_ct_in_3d(shared_datasets):
+    import json
+
+    from scipy import ndimage
+
+    from kprism.io import read_image, read_mask
+    from kprism.session import KPrismSession
+
+    folder = shared_datasets / "Dataset006_TotalSegCT"
+    liver = read_mask(folder / "labelsTr" / "ts_ct_002.nii.gz").array == json.loads(
+        (folder / "dataset.json").read_text())["labels"]["liver"]
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    row, column = np.unravel_index(np.argmax(ndimage.distance_transform_edt(liver[k])), liver[k].shape)
+    session = KPrismSession(device="cpu", threads=1)
+    session.set_image(read_image(folder / "imagesTr" / "ts_ct_002_0000.nii.gz"))
+
+    result = session.add_click([column, row, k]).mask > 0  # the deepest point of its largest slice
+
+    assert 2 * (result & liver).sum() / (result.sum() + liver.sum()) >= 0.8
