@@ -12,8 +12,10 @@ as a copy. Nothing a caller holds ever changes afterwards.
 In 3D a prompt re-segments the slice it was placed on (along the axis of the view it was placed
 in), then the change travels through the neighbouring slices in both directions — each slice
 segmented in-context from the last accepted one and the prompted one — until the result agrees
-with what was there, a slice the user prompted (an anchor, never overwritten) is reached, or a
-stop rule fires: low predicted quality, the structure shrinking away, its area jumping (a leak), or
+with what was there, a slice the user clicked or scribbled on (an anchor, never overwritten) is
+reached, or a stop rule fires. A first prompt travels as far as the structure goes; a correction
+on a target that already has a result travels only into empty slices (it extends the structure,
+and does not redo slices that hold a result: measured, that made them worse). The stop rules: low predicted quality, the structure shrinking away, its area jumping (a leak), or
 the region drifting away from what the prompted slice shows (its mean encoder feature inside the
 mask; the liver of a CT otherwise travelled 40 slices into the bowel: 3D Dice 0.37 → 0.58).
 
@@ -180,8 +182,12 @@ class Target:
 
     @property
     def anchors(self) -> set[tuple[int, int]]:
-        """(axis, canonical slice) of every slice the user prompted: propagation never overwrites them."""
-        return set(self._states)
+        """(axis, canonical slice) of every slice the user clicked or scribbled on: propagation never overwrites them.
+
+        A box alone does not make an anchor: a 3D box prompts every slice it spans, and a click inside it
+        must still be able to correct those slices; their box stays part of their prompt when they are redone.
+        """
+        return {key for key, state in self._states.items() if state.points or state.scribbles is not None}
 
     def result(self) -> Optional[SegmentationResult]:
         """The whole result on the source grid (a copy; None before any prompt)."""
@@ -340,6 +346,7 @@ class Target:
     def _interact(self, axis: int, indices: list[int], change: Callable, propagate: Optional[bool], record: dict,
                   per_index: bool = False) -> Delta:
         travel = self.encoded.ndim == 3 if propagate is None else bool(propagate and self.encoded.ndim == 3)
+        first_prompt = self.is_empty
         with self._recording() as touched:
             prompts, states = [], []
             for index in indices:
@@ -353,7 +360,7 @@ class Target:
             self._last = (axis, indices[-1] if len(indices) == 1 else indices[len(indices) // 2])
             for index, logits, quality in self._decode_each(axis, indices, prompts):
                 self._write(axis, index, self.encoded.to_slice_grid(axis, logits), float(quality), logits)
-            if travel and len(indices) == 1:
+            if travel and len(indices) == 1 and first_prompt:
                 # A short first run gives the prompted slice neighbours to learn from (see _consolidate); the
                 # full run then starts from the prompted slice as answered with them.
                 short = TravelRules(self.rules.min_quality, self.rules.min_area_ratio, self.rules.max_area_ratio,
@@ -361,6 +368,11 @@ class Target:
                 self._travel(axis, indices[0], short, None, max_steps=CONSOLIDATION_DISTANCE)
                 self._consolidate(axis, indices[0], states[0])
                 self._travel(axis, indices[0], self.rules, None)
+            elif travel and len(indices) == 1:
+                # A correction re-segments its slice and extends into empty neighbours only: redoing slices that
+                # already held a result made them worse (ACDC, class first then 5 clicks, 2 cases: 3D Dice
+                # 0.737 → 0.603 with travel over them; 0.737 → 0.777 without).
+                self._travel(axis, indices[0], self.rules, None, into_empty_only=True)
             elif travel:
                 for start in sorted({indices[0], indices[-1]}):
                     self._travel(axis, start, self.rules, None, only_outward_of=(indices[0], indices[-1]))
@@ -378,7 +390,8 @@ class Target:
             yield index, logits[0], quality[0]
 
     def _travel(self, axis: int, start: int, rules: TravelRules, progress: Optional[Progress],
-                only_outward_of: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None) -> None:
+                only_outward_of: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,
+                into_empty_only: bool = False) -> None:
         """Carry slice `start`'s mask to its neighbours along `axis` until a stop rule fires (see the module doc)."""
         seed = self._slice(self._volume, axis, start) >= 0.5
         if not seed.any():
@@ -394,10 +407,16 @@ class Target:
                 continue
             previous, previous_area = anchor, int(seed.sum())
             index = start + direction
-            while 0 <= index < count and (axis, index) not in self._states and (max_steps is None or abs(index - start) <= max_steps):
+            anchors = self.anchors
+            while 0 <= index < count and (axis, index) not in anchors and (max_steps is None or abs(index - start) <= max_steps):
                 references = [previous] if previous is anchor else [previous, anchor]
                 prompts = Prompts(ref_features=torch.cat([f for f, _ in references])[None],
                                   ref_masks=torch.stack([m for _, m in references])[None, :, None])
+                if into_empty_only and (self._slice(self._volume, axis, index) >= 0.5).any():
+                    break  # a correction extends the structure; it does not redo slices that hold a result
+                state = self._states.get((axis, index))
+                if state is not None and state.box is not None:  # a box placed on this slice still holds
+                    prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
                 logits, quality = self.encoded.decode(self.encoded.features(axis, [index])[0], prompts)
                 probability = self.encoded.to_slice_grid(axis, logits[0])
                 mask = probability >= 0.5
@@ -488,7 +507,7 @@ class Target:
         """Keep the voxels where a slice the user prompted on another axis crosses this one."""
         if self.encoded.ndim == 2:
             return values
-        crossing = [(a, i) for a, i in self._states if a != axis and not (self._step and (a, i) in self._step.states)]
+        crossing = [(a, i) for a, i in self.anchors if a != axis and not (self._step and (a, i) in self._step.states)]
         if not crossing:
             return values
         values = np.array(values, dtype=np.float32, copy=True)
