@@ -25,8 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kprism.data.interaction import box_from_mask, click_kprism, dice  # noqa: E402
+from kprism.data.interaction import box_from_mask, click_loop, dice  # noqa: E402
 from kprism.data.nnunet_v2 import load_dataset  # noqa: E402
+from kprism.evaluate.clickers import timed  # noqa: E402
 from kprism.evaluate.metrics import noc, percentiles  # noqa: E402
 from kprism.evaluate.protocols import ReferencePicker, Timings, evaluate_dataset, summarise  # noqa: E402
 from kprism.session import KPrismSession  # noqa: E402
@@ -36,6 +37,7 @@ TWO_D = ["Dataset001_MontgomeryCXR", "Dataset002_DRIVE", "Dataset003_PH2", "Data
 
 
 def growcut_curves(dataset, cases, clicks: int, timings: list[float]) -> list[list[float]]:
+    """GrowCut clicked by the K-Prism rule on its own errors, through the same loop as our model."""
     from kprism.evaluate.peers.growcut import GrowCutSession
 
     curves = []
@@ -45,17 +47,9 @@ def growcut_curves(dataset, cases, clicks: int, timings: list[float]) -> list[li
             truth = labels == value
             if not truth.any():
                 continue
-            session, prediction, curve = GrowCutSession(image.array), np.zeros_like(truth), []
-            for _ in range(clicks):
-                click = click_kprism(prediction, truth)
-                if click is None:
-                    curve.append(curve[-1] if curve else 1.0)
-                    continue
-                start = time.perf_counter()
-                prediction = session.add_click(*click.point, click.positive)
-                timings.append((time.perf_counter() - start) * 1000)
-                curve.append(dice(prediction, truth))
-            curves.append(curve)
+            growcut = GrowCutSession(image.array)
+            answer = timed(lambda click: growcut.add_click(*click.point, click.positive), timings)
+            curves.append(click_loop(answer, truth, "kprism", clicks).dice)
     return curves
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.interaction import click_kprism, dice
-from .evaluate.protocols import click_source_slice
+from .data.interaction import click_loop, dice
+from .evaluate.clickers import SliceClicker, source_slice
 from .io import read_image, read_mask, render_panels, write_output
 from .samples import sample_path
 from .session import KPrismSession, Reference
@@ -35,11 +35,11 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
     panels.append({"image": xray, "labels": lung.mask, "title": f"semantic 'lung'  Dice {scores['semantic: lung on a chest X-ray']:.3f}"})
 
     # 2. Semantic + one corrective click on the largest error (combined modes).
-    click = click_kprism(lung.mask > 0, lung_truth)
-    if click is not None:
-        refined = session.add_click([click.point[1], click.point[0]], positive=click.positive)
-        scores["semantic + 1 click: lung"] = dice(refined.mask, lung_truth)
-        panels.append({"image": xray, "labels": refined.mask, "points": [(*click.point, click.positive)],
+    refined = click_loop(SliceClicker(session.target, 0, 0), lung_truth, "kprism", 1, start=lung.mask > 0)
+    if refined.clicks:
+        click = refined.clicks[0]
+        scores["semantic + 1 click: lung"] = refined.dice[-1]
+        panels.append({"image": xray, "labels": session.result().mask, "points": [(*click.point, click.positive)],
                        "title": f"+1 click  Dice {scores['semantic + 1 click: lung']:.3f}"})
 
     # 3. In-context: another patient's annotated scan says what to find.
@@ -62,15 +62,15 @@ def run_demo(out: Path, session: KPrismSession) -> dict[str, float]:
     organ = labels == value
     k = int(np.argmax(organ.sum(axis=(1, 2))))  # the axial slice (array axis 0) with the most liver
     session.set_image(ct)
-    given = click_source_slice(session, organ, k, CT_CLICKS)
-    result = session.result()
-    prediction = result.mask[k] > 0
-    shown_slice = session.locate([0, 0, k])[0]  # where the overview draws slice k and the clicks on it
-    clicks = [(*session.locate([c.point[1], c.point[0], k])[1], c.positive) for c in given]
-    scores[f"interactive: CT {CT_CLASS}, {len(clicks)} clicks (slice Dice)"] = dice(prediction, organ[k])
+    axis, shown_slice = source_slice(session.view, 0, k)  # slice k in the canonical view the overview draws
+    clicker = SliceClicker(session.new_target(CT_CLASS), axis, shown_slice, propagate=None)  # each click travels in 3D
+    curve = click_loop(clicker, clicker.truth_of(organ), "kprism", CT_CLICKS)
+    result = clicker.target.result()
+    clicks = [(*c.point, c.positive) for c in curve.clicks]  # (row, column) on the shown slice
+    scores[f"interactive: CT {CT_CLASS}, {len(clicks)} clicks (slice Dice)"] = curve.dice[-1]
     _write(out / f"ct_{CT_CLASS}_clicks.seg.nrrd", result.mask, ct, CT_CLASS, session)
-    panels.append({"image": ct, "labels": result.mask, "slice_index": shown_slice, "points": clicks,
-                   "title": f"{len(clicks)} clicks on CT {CT_CLASS}  Dice {dice(prediction, organ[k]):.3f}"})
+    panels.append({"image": ct, "labels": result.mask, "axis": axis, "slice_index": shown_slice, "points": clicks,
+                   "title": f"{len(clicks)} clicks on CT {CT_CLASS}  Dice {curve.dice[-1]:.3f}"})
 
     # 5. Every CT class of the sample at once, from the one-pass class head (when the model has one).
     if session.model.class_head is not None:

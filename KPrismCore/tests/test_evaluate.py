@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kprism.cli import main
+from kprism.data.interaction import Click, dice
 from kprism.data.nnunet_v2 import load_dataset
 from kprism.evaluate.metrics import dice_auc, nof, nsd
 from kprism.evaluate.protocols import ReferencePicker, Timings, evaluate_dataset, summarise
@@ -116,3 +117,76 @@ def test_nof_and_dice_auc():
     assert nof([3, 20, 20, 7], cap=20) == 2
     assert dice_auc([0.5, 1.0]) == pytest.approx(0.75)
     assert dice_auc([0.2, 0.2, 0.2]) == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------ chained mode and the slice clicker
+def test_chained_mode_starts_from_the_class_result_then_clicks_on_its_slice(tmp_path, tiny_model):
+    model, catalog = tiny_model
+    dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=2))
+    session = KPrismSession(model, catalog=catalog, device="cpu")
+    items = evaluate_dataset(session, dataset, ("chained",), max_clicks=3)
+    assert {i.label for i in items} == {"disk", "square"} and all("chained" in i.scores for i in items)
+    disk = next(i for i in items if i.label == "disk")
+    image, labels = dataset.load(next(c for c in dataset.cases("train") if c.case_id == disk.case_id))
+    session.set_image(image)
+    semantic = session.segment_semantic(["disk"], engine="auto")["disk"].mask > 0
+    scores = disk.scores["chained"]
+    assert scores["knowledge"] == "semantic" and scores["start"] == pytest.approx(dice(semantic, labels == 1))
+    assert len(scores["curve"]) == 3
+    summary = summarise(items, cap=3)["chained"]
+    assert summary["knowledge"] == {"semantic": 4, "incontext": 0}
+    assert summary["dice_start"] == pytest.approx(np.mean([i.scores["chained"]["start"] for i in items]))
+    assert summary["dice_auc"] == pytest.approx(np.mean([dice_auc([i.scores["chained"]["start"], *i.scores["chained"]["curve"]]) for i in items]))
+
+
+def test_chained_mode_segments_a_structure_that_is_no_class_from_a_reference(tmp_path, tiny_model):
+    from kprism.catalog import ClassCatalog
+
+    model, _ = tiny_model
+    dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=3))
+    session = KPrismSession(model, catalog=ClassCatalog.from_names(["liver", "lung", "heart"]), device="cpu")
+    items = evaluate_dataset(session, dataset, ("chained",), max_clicks=2, labels=["disk"])
+    item = items[0]
+    reference = ReferencePicker(dataset, dataset.cases("train")).references(item.case_id, 1, 1)
+    image, labels = dataset.load(next(c for c in dataset.cases("train") if c.case_id == item.case_id))
+    session.set_image(image)
+    start = session.segment_in_context(reference).mask > 0
+    assert item.scores["chained"]["knowledge"] == "incontext"
+    assert item.scores["chained"]["start"] == pytest.approx(dice(start, labels == 1))
+
+
+def test_slice_clicker_maps_slice_points_to_the_source_voxel_of_a_flipped_volume(tiny_model):
+    from kprism.evaluate.clickers import SliceClicker, source_slice
+    from kprism.image import Geometry, ImageData
+
+    model, catalog = tiny_model
+    volume = np.random.default_rng(0).normal(100, 30, (10, 24, 28)).astype(np.float32)
+    ras = Geometry((0.8, 0.9, 2.0), (10.0, -5.0, 3.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))  # flips rows and columns
+    session = KPrismSession(model, catalog=catalog, device="cpu", threads=1)
+    session.set_image(ImageData(volume, ras))
+    assert any(session.view.flips)
+    axis, index = source_slice(session.view, 0, 3)
+    clicker = SliceClicker(session.new_target(), axis, index)
+    marker = np.zeros(volume.shape, bool)
+    marker[3, 5, 20] = True  # source (k, j, i)
+    row, column = np.argwhere(clicker.truth_of(marker))[0]
+    assert clicker.source_ijk(row, column) == [20.0, 5.0, 3.0]
+    answer = clicker(Click((int(row), int(column)), True))
+    assert answer.shape == clicker.truth_of(marker).shape
+    assert np.array_equal(answer, clicker.truth_of(clicker.target.result().mask > 0))  # this slice of the target's result
+    assert clicker.target.anchors == {(axis, index)} and clicker.target.result().mask[[0, 1, 2, 4, 5]].sum() == 0  # kept to its slice
+
+
+def test_per_slice_protocol_refuses_the_3d_click_rule(tmp_path, tiny_model):
+    model, catalog = tiny_model
+    dataset = load_dataset(make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=1))
+    with pytest.raises(ValueError, match="kprism or ritm, not 'cvpr25'"):
+        evaluate_dataset(KPrismSession(model, catalog=catalog, device="cpu"), dataset, ("interactive",), rule="cvpr25")
+
+
+def test_eval_command_scores_the_chained_mode(tmp_path):
+    root = make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=2)
+    assert main(["eval", "--dataset", str(root), "--mode", "chained", "--clicks", "2", "--json", str(tmp_path / "r.json"),
+                 "--threads", "1"]) == 0
+    modes = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["datasets"]["Dataset900_Shapes"]["modes"]
+    assert set(modes) == {"chained"} and modes["chained"]["targets"] == 4 and set(modes["chained"]["dice_at_clicks"]) == {"1"}

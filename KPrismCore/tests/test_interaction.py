@@ -7,14 +7,15 @@ from scipy import ndimage
 from kprism.data.interaction import (
     Click,
     box_from_mask,
+    click_cvpr25,
     click_kprism,
+    click_loop,
     click_random_error,
     click_ritm,
     dice,
     first_click,
     noc,
     scribble,
-    simulate_clicks,
 )
 
 
@@ -252,52 +253,115 @@ def test_noc_counts_clicks_to_the_threshold():
 # ----------------------------------------------------------------------------------------------- correction loop
 
 
-def _disk_predictor(gt, radius):
-    """A toy model: the ground truth inside disks around the positive clicks, minus disks around negative ones."""
+def _disk_segmenter(gt, radius):
+    """A toy stateful segmenter: the ground truth inside disks around the positive clicks so far,
+    minus disks around the negative ones; it also records every click it is given."""
+    positive = np.zeros_like(gt)
+    negative = np.zeros_like(gt)
+    given = []
 
-    def predict(clicks):
-        positive = np.zeros_like(gt)
-        negative = np.zeros_like(gt)
-        for click in clicks:
-            (positive if click.positive else negative)[...] |= _disk(gt.shape, click.point, radius)
+    def segment(click):
+        given.append(click)
+        (positive if click.positive else negative)[...] |= _disk(gt.shape, click.point, radius)
         return gt & positive & ~negative
 
-    return predict
+    segment.given = given
+    return segment
 
 
 @pytest.mark.parametrize("rule", ["kprism", "ritm"])
-def test_correction_loop_improves_dice_until_perfect(rule):
+def test_click_loop_improves_dice_until_perfect_then_repeats_it(rule):
     gt = _disk((60, 60), (20, 20), 12) | _disk((60, 60), (45, 42), 8)
-    predictions = simulate_clicks(_disk_predictor(gt, 7), gt, 20, rule=rule)
-    dices = [dice(p, gt) for p in predictions]
-    assert len(dices) == 20
-    assert all(later >= earlier for earlier, later in zip(dices, dices[1:]))
-    assert dices[0] < 0.5 and dices[-1] == 1.0
-    reached = dices.index(1.0)
-    assert all(np.array_equal(p, predictions[reached]) for p in predictions[reached:])
-    assert noc(dices, 0.9) <= reached + 1
+    segment = _disk_segmenter(gt, 7)
+    curve = click_loop(segment, gt, rule, 20)
+    assert len(curve.dice) == 20 and curve.start_dice == 0.0
+    assert all(later >= earlier for earlier, later in zip(curve.dice, curve.dice[1:]))
+    assert curve.dice[0] < 0.5 and curve.dice[-1] == 1.0
+    reached = curve.dice.index(1.0)
+    assert len(curve.clicks) == reached + 1 == len(segment.given)  # no click once the prediction is exact
+    assert np.array_equal(curve.prediction, gt)
+    assert noc(curve.dice, 0.9) <= reached + 1
 
 
-def test_correction_loop_that_never_reaches_90_percent():
+def test_click_loop_that_never_reaches_90_percent():
     gt = _ring()
     calls = []
 
-    def stubborn(clicks):
-        calls.append(list(clicks))
+    def stubborn(click):
+        calls.append(click)
         return np.zeros_like(gt)
 
-    predictions = simulate_clicks(stubborn, gt, 20)
-    assert noc([dice(p, gt) for p in predictions], 0.9) == 20
-    assert [len(c) for c in calls] == list(range(1, 21))
-    assert all(c.positive for c in calls[-1])
+    curve = click_loop(stubborn, gt, "kprism", 20)
+    assert noc(curve.dice, 0.9) == 20 and curve.dice == [0.0] * 20
+    assert len(calls) == 20 and all(c.positive for c in calls)
 
 
-def test_correction_loop_on_an_empty_object_never_calls_the_model():
+def test_click_loop_starts_from_the_given_prediction():
+    gt = _disk((40, 40), (20, 20), 10)
+    start = gt.copy()
+    start[:, :20] = False  # half the disk already found (by a box, a class, a reference…)
+    segment = _disk_segmenter(gt, 30)
+    curve = click_loop(segment, gt, "kprism", 2, start=start)
+    assert curve.start_dice == pytest.approx(dice(start, gt)) and curve.with_start[0] == curve.start_dice
+    assert segment.given[0].positive and not start[segment.given[0].point]  # the first click fixes what the start missed
+    assert curve.dice == [1.0, 1.0] and len(curve.clicks) == 1
+    assert click_loop(lambda click: pytest.fail("no click expected"), gt, "kprism", 3, start=gt).dice == [1.0] * 3
+
+
+def test_click_loop_on_an_empty_object_never_calls_the_segmenter():
     gt = np.zeros((10, 10), bool)
-    predictions = simulate_clicks(lambda clicks: pytest.fail("no click expected"), gt, 3)
-    assert len(predictions) == 3 and not any(p.any() for p in predictions)
+    curve = click_loop(lambda click: pytest.fail("no click expected"), gt, "kprism", 3)
+    assert curve.dice == [1.0] * 3 and not curve.clicks and not curve.prediction.any()
 
 
-def test_correction_loop_checks_the_prediction_shape():
+def test_click_loop_checks_the_prediction_shape():
     with pytest.raises(ValueError, match="shape"):
-        simulate_clicks(lambda clicks: np.zeros((3, 3), bool), _ring(), 2)
+        click_loop(lambda click: np.zeros((3, 3), bool), _ring(), "kprism", 2)
+    with pytest.raises(ValueError, match="start prediction.*shape"):
+        click_loop(lambda click: click, _ring(), "kprism", 2, start=np.zeros((3, 3), bool))
+
+
+def test_click_loop_refuses_an_unknown_rule_and_takes_a_function():
+    with pytest.raises(ValueError, match="Unknown click rule 'nearest'.*kprism"):
+        click_loop(lambda click: click, _ring(), "nearest", 1)
+    gt = _disk((20, 20), (10, 10), 4)
+    fixed = Click((10, 10), True)
+    curve = click_loop(lambda click: gt, gt, lambda pred, truth: None if pred.any() else fixed, 2)
+    assert curve.clicks == [fixed] and curve.dice == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------- CVPR25 3D clicks
+
+
+def test_cvpr25_click_goes_to_the_view_that_cuts_the_error_widest():
+    gt = np.zeros((20, 20, 20), bool)
+    gt[2:18, 2:18, 8:11] = True  # a plate three voxels thick along array axis 2
+    click = click_cvpr25(np.zeros_like(gt), gt)
+    assert click.point == click_kprism(np.zeros_like(gt), gt).point and click.positive
+    assert click.axis == 2  # its slice along axis 2 shows 16 × 16 voxels; along 0 or 1 only 16 × 3
+    flat = np.zeros_like(gt)
+    flat[9:11, 3:17, 3:17] = True  # now thin along axis 0
+    assert click_cvpr25(np.zeros_like(gt), flat).axis == 0
+
+
+def test_cvpr25_cross_section_is_the_piece_around_the_click_not_the_whole_slice():
+    gt = np.zeros((11, 40, 40), bool)
+    gt[:, 15:25, 15:25] = True  # a block: 100 voxels on its axis-0 slice through the click, 110 on axes 1 and 2
+    gt[5, 0:3, :] = True  # a bar on the click's axis-0 slice (120 voxels), apart from the block there…
+    gt[6, 3:15, 15] = True  # …joined to it in 3D through slice 6, so it is one 26-connected component
+    click = click_cvpr25(np.zeros_like(gt), gt)
+    assert click.point[0] == 5 and gt[click.point]
+    # Counting the whole slice (220 voxels) would pick axis 0; the piece holding the click has 100.
+    assert click.axis == 1  # 110 voxels, tied with axis 2: the earlier axis wins
+
+
+def test_cvpr25_click_keeps_to_the_allowed_axes_and_is_kprism_in_2d():
+    gt = np.zeros((20, 20, 20), bool)
+    gt[2:18, 2:18, 8:11] = True
+    assert click_cvpr25(np.zeros_like(gt), gt, axes=[0, 1]).axis in (0, 1)
+    with pytest.raises(ValueError, match="axes"):
+        click_cvpr25(np.zeros_like(gt), gt, axes=[3])
+    square = np.zeros((32, 40), bool)
+    square[10:15, 20:25] = True
+    assert click_cvpr25(np.zeros_like(square), square) == click_kprism(np.zeros_like(square), square) == Click((12, 22), True)
+    assert click_cvpr25(gt, gt) is None

@@ -1,8 +1,10 @@
 """Simulated user interactions (clicks, boxes, scribbles) and the metrics that score them.
 
 Training and evaluation both import this module, so a model is evaluated with exactly the clicks
-it was trained with. Masks are binary numpy arrays, 2D ``(rows, columns)`` or 3D ``(k, j, i)``;
-points are index tuples in the same array order.
+it was trained with. `click_loop` is the one simulated user: evaluation (2D and 3D), the demo and
+the benchmarks all click through it, each with its own segmenter (`kprism.evaluate.clickers`,
+GrowCut). Masks are binary numpy arrays, 2D ``(rows, columns)`` or 3D ``(k, j, i)``; points are
+index tuples in the same array order.
 
 Distances are in voxels (not millimetres). Distances to the boundary of a region count the image
 border as boundary: the distance transform runs on the region padded by one zero voxel. An error
@@ -12,12 +14,13 @@ the border, and a region filling the whole image still has a finite transform.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
 
-ClickRule = Literal["kprism", "ritm"]
+ClickRuleName = Literal["kprism", "ritm", "cvpr25"]
 ScribbleKind = Literal["line", "centerline", "contour"]
 
 _CORE_FRACTION = 1 / 3  # K-Prism: the click goes to the core where the distance exceeds max/3
@@ -47,6 +50,12 @@ _RIDGE_FOOTPRINTS = [
 class Click(NamedTuple):
     point: tuple[int, ...]  # array order: (row, column) or (k, j, i)
     positive: bool
+    # 3D only: the array axis of the slice the click is placed on (the view a user would click in).
+    # None leaves the choice to whoever answers the click.
+    axis: Optional[int] = None
+
+
+ClickRule = Callable[[np.ndarray, np.ndarray], Optional[Click]]  # (prediction, truth) → the next click
 
 
 # ----------------------------------------------------------------------------------------------- clicks
@@ -61,13 +70,53 @@ def click_kprism(pred: np.ndarray, gt: np.ndarray) -> Click | None:
     a third of its maximum; the click is the core voxel nearest to the core's centre of mass, so it
     lies inside the component even when the centre of mass does not (a ring, a crescent).
     """
+    error = _largest_error(*_binary_pair(pred, gt))
+    if error is None:
+        return None
+    component, positive = error
+    return Click(_core_centre(component), positive)
+
+
+def click_cvpr25(pred: np.ndarray, gt: np.ndarray, axes: Optional[Sequence[int]] = None) -> Click | None:
+    """The CVPR 2025 interactive challenge's 3D click, placed in the view that shows the error best.
+
+    The point is K-Prism's (the core centre of the largest 26-connected error component). Its
+    `axis` is the array axis (among `axes`, default all three) whose slice through the point cuts
+    that component widest: the 8-connected piece of the component on that slice, around the point,
+    has the most voxels. A tie goes to the earlier axis. On a 2D mask this is `click_kprism`.
+    """
     pred, gt = _binary_pair(pred, gt)
+    error = _largest_error(pred, gt)
+    if error is None:
+        return None
+    component, positive = error
+    point = _core_centre(component)
+    if gt.ndim != 3:
+        return Click(point, positive)
+    candidates = list(range(3) if axes is None else axes)
+    if not candidates or any(a not in (0, 1, 2) for a in candidates):
+        raise ValueError(f"axes must name some of the array axes 0, 1, 2; got {list(candidates)}.")
+    areas = [_cross_section(component, point, a) for a in candidates]
+    return Click(point, positive, candidates[int(np.argmax(areas))])
+
+
+def _largest_error(pred: np.ndarray, gt: np.ndarray) -> Optional[tuple[np.ndarray, bool]]:
+    """The larger of the largest false-negative and false-positive components (tie: the false
+    negative), with True when it is a false negative; None when the prediction is right."""
     fn, fn_size = _largest_component(gt & ~pred)
     fp, fp_size = _largest_component(pred & ~gt)
     if fn_size == 0 and fp_size == 0:
         return None
     positive = fn_size >= fp_size
-    return Click(_core_centre(fn if positive else fp), positive)
+    return (fn if positive else fp), positive
+
+
+def _cross_section(component: np.ndarray, point: tuple[int, ...], axis: int) -> int:
+    """Voxels of the 8-connected piece of `component`, on its slice through `point` along `axis`, holding the point."""
+    plane = np.take(component, point[axis], axis=axis)
+    pieces, _ = ndimage.label(plane, structure=np.ones((3, 3), bool))
+    piece = pieces[tuple(p for a, p in enumerate(point) if a != axis)]
+    return int(np.count_nonzero(pieces == piece)) if piece else 0
 
 
 def click_ritm(pred: np.ndarray, gt: np.ndarray) -> Click | None:
@@ -106,32 +155,63 @@ def first_click(gt: np.ndarray) -> Click | None:
     return click_kprism(np.zeros_like(gt), gt)
 
 
-def simulate_clicks(
-    predict: Callable[[list[Click]], np.ndarray],
-    gt: np.ndarray,
-    n: int,
-    rule: ClickRule = "kprism",
-) -> list[np.ndarray]:
-    """The evaluation loop: click where the prediction is wrong, predict again, ``n`` times.
+CLICK_RULES: dict[str, ClickRule] = {"kprism": click_kprism, "ritm": click_ritm, "cvpr25": click_cvpr25}
 
-    Starts from an empty prediction; ``predict`` receives all clicks so far and returns the new
-    binary prediction. Returns the prediction after each click. Once the prediction equals ``gt``
-    there is nothing left to click, and that prediction is repeated for the remaining clicks.
+Segmenter = Callable[[Click], np.ndarray]  # answers one more click with its whole new binary prediction
+
+
+@dataclass
+class ClickCurve:
+    """What `click_loop` measured: Dice before the first click and after each click."""
+
+    start_dice: float  # of the prediction the clicks started from (empty, a box, a semantic result…)
+    dice: list[float]  # after click 1, 2, …, always `max_clicks` long
+    clicks: list[Click]  # the clicks given: fewer than `max_clicks` when the prediction became exact
+    prediction: np.ndarray  # the final prediction
+
+    @property
+    def with_start(self) -> list[float]:
+        """The Dice curve including the start: [start, after click 1, …]."""
+        return [self.start_dice, *self.dice]
+
+
+def click_loop(
+    segment: Segmenter,
+    truth: np.ndarray,
+    rule: Union[ClickRuleName, ClickRule] = "kprism",
+    max_clicks: int = 5,
+    start: Optional[np.ndarray] = None,
+) -> ClickCurve:
+    """The one simulated-user loop: click where the prediction is wrong, let `segment` answer, repeat.
+
+    `segment` receives each click (its point in the array order of `truth`) and returns the whole new
+    binary prediction, shaped like `truth`; it keeps its own state (a session, a target, GrowCut).
+    `rule` is a name of `CLICK_RULES` or a function (prediction, truth) → click or None. The loop
+    starts from `start` (default: nothing predicted). When the prediction equals the truth there is
+    nothing left to click: the remaining entries repeat the last Dice and `segment` is not called.
     """
-    next_click = {"kprism": click_kprism, "ritm": click_ritm}[rule]
-    gt = np.asarray(gt, bool)
-    prediction = np.zeros_like(gt)
+    if isinstance(rule, str) and rule not in CLICK_RULES:
+        raise ValueError(f"Unknown click rule {rule!r}; choose from {', '.join(CLICK_RULES)}.")
+    choose = CLICK_RULES[rule] if isinstance(rule, str) else rule
+    truth = np.asarray(truth, bool)
+    prediction = np.zeros_like(truth) if start is None else _checked(start, truth, "the start prediction")
+    start_dice = dice(prediction, truth)
+    curve: list[float] = []
     clicks: list[Click] = []
-    predictions = []
-    for _ in range(n):
-        click = next_click(prediction, gt)
+    for _ in range(max_clicks):
+        click = choose(prediction, truth)
         if click is not None:
             clicks.append(click)
-            prediction = np.asarray(predict(list(clicks)), bool)
-            if prediction.shape != gt.shape:
-                raise ValueError(f"predict returned shape {prediction.shape}; the mask has shape {gt.shape}.")
-        predictions.append(prediction)
-    return predictions
+            prediction = _checked(segment(click), truth, "segment")
+        curve.append(dice(prediction, truth))
+    return ClickCurve(start_dice, curve, clicks, prediction)
+
+
+def _checked(prediction: np.ndarray, truth: np.ndarray, what: str) -> np.ndarray:
+    prediction = np.asarray(prediction, bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"{what} gave a prediction of shape {prediction.shape}; the truth has shape {truth.shape}.")
+    return prediction
 
 
 def _binary_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

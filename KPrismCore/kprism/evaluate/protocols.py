@@ -14,15 +14,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..data.interaction import click_kprism, click_ritm, dice, scribble
+from ..data.interaction import click_loop, dice, scribble
 from ..data.nnunet_v2 import Case, SegmentationDataset
-from ..orientation import CanonicalView
 from ..session import KPrismSession, Reference
+from .clickers import SliceClicker, timed
 from .metrics import dice_auc, noc, nof, nsd, peak_rss_mb, percentiles
 
-CLICK_RULES = {"kprism": click_kprism, "ritm": click_ritm}
+SLICE_RULES = ("kprism", "ritm")  # click rules of the 2D per-slice protocol
 CLICK_REPORT = (1, 3, 5, 10, 20)
-MODES = ("semantic", "onepass", "incontext", "interactive", "scribble")  # onepass: the class head, all labels at once
+# onepass: the class head, all labels at once; chained: semantic or in-context first, then clicks
+MODES = ("semantic", "onepass", "incontext", "interactive", "scribble", "chained")
+CURVE_MODES = ("interactive", "chained")  # modes scored by a Dice-against-clicks curve
 NSD_TOLERANCE = 2.0  # mm on scans with a physical spacing; pixels on photographs
 
 
@@ -51,28 +53,16 @@ def labelled_slices(labels: np.ndarray, value: int, max_slices: Optional[int]) -
     return present.tolist()
 
 
-def _view(session: KPrismSession) -> CanonicalView:
-    return CanonicalView.of(session.image.geometry, session.image.spatial_shape)
-
-
 def _slice_mask(mask: np.ndarray, session: KPrismSession, index: int) -> np.ndarray:
     """A source-grid mask → its canonical slice `index` (the 2D image itself for 2D)."""
-    return mask if mask.ndim == 2 else _view(session).to_canonical(mask)[index]
-
-
-def _ijk_of(session: KPrismSession, index: int, row: float, col: float) -> list[float]:
-    """Canonical (slice, row, column) → IJK of the source image."""
-    if session.image.ndim == 2:
-        return [col, row]
-    k, j, i = _view(session).index_from_canonical([index, row, col])
-    return [float(i), float(j), float(k)]
+    return mask if mask.ndim == 2 else session.view.to_canonical(mask)[index]
 
 
 def _in_plane_spacing(session: KPrismSession) -> tuple[float, float]:
     spacing = session.image.geometry.spacing[::-1]  # array order
     if session.image.ndim == 2:
         return float(spacing[0]), float(spacing[1])
-    canonical = [spacing[p] for p in _view(session).permutation]
+    canonical = [spacing[p] for p in session.view.permutation]
     return float(canonical[1]), float(canonical[2])
 
 
@@ -120,6 +110,8 @@ def evaluate_dataset(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {MODES}.")
+    if rule not in SLICE_RULES:
+        raise ValueError(f"The per-slice protocol clicks by {' or '.join(SLICE_RULES)}, not {rule!r}.")
     if "onepass" in modes and session.model.class_head is None:
         raise ValueError("Mode 'onepass' needs a model with the one-pass class head; this one has none.")
     split = split or dataset.evaluation_split()
@@ -133,7 +125,7 @@ def evaluate_dataset(
     for case in cases:
         image, label_map = dataset.load(case)
         session.set_image(image)
-        volume = _view(session).to_canonical(label_map) if image.ndim == 3 else label_map[None]
+        volume = session.view.to_canonical(label_map) if image.ndim == 3 else label_map[None]
         if progress:
             progress(f"{dataset.name}/{case.case_id}")
         onepass = _one_pass_labels(session, volume, wanted, max_slices_per_label, image.ndim) if "onepass" in modes else None
@@ -162,6 +154,10 @@ def evaluate_dataset(
                 truth = truths[item.slice_index]
                 if "interactive" in modes:
                     item.scores["interactive"] = click_curve(session, item, truth, rule, max_clicks, timings)
+                if "chained" in modes:
+                    chained = chained_curve(session, item, truth, value, picker, rule, max_clicks, timings)
+                    if chained is not None:
+                        item.scores["chained"] = chained
                 if "scribble" in modes:
                     item.scores["scribble"] = scribble_score(session, item, truth, case)
             items.extend(case_items)
@@ -189,38 +185,44 @@ def click_curve(session: KPrismSession, item: Item, truth: np.ndarray, rule: str
                 timings: Optional[Timings] = None) -> dict:
     """Dice after each of `max_clicks` simulated clicks on one slice, starting from nothing."""
     session.reset()
-    choose = CLICK_RULES[rule]
-    prediction = np.zeros_like(truth)
-    curve: list[float] = []
-    for _ in range(max_clicks):
-        click = choose(prediction, truth)
-        if click is None:  # perfect already: later clicks change nothing
-            curve.append(curve[-1] if curve else 1.0)
-            continue
-        row, col = click.point
-        start = time.perf_counter()
-        result = session.add_click(_ijk_of(session, item.slice_index, row, col), positive=click.positive)
-        if timings is not None:
-            timings.click_ms.append((time.perf_counter() - start) * 1000)
-        prediction = _slice_mask(result.mask, session, item.slice_index) > 0
-        curve.append(dice(prediction, truth))
-    return {"curve": curve, "nsd": nsd(prediction, truth, item.spacing, NSD_TOLERANCE)}
+    clicker = SliceClicker(session.new_target(item.label), 0, item.slice_index, propagate=False)
+    curve = click_loop(timed(clicker, timings.click_ms if timings else None), truth, rule, max_clicks)
+    return {"curve": curve.dice, "nsd": nsd(curve.prediction, truth, item.spacing, NSD_TOLERANCE)}
 
 
-def click_source_slice(session: KPrismSession, truth: np.ndarray, k: int, count: int, rule: str = "kprism") -> list:
-    """Up to `count` simulated clicks on slice `k` (array axis 0) of the source volume, each placed on that
-    slice's current error by `rule`; stops early once the slice is perfect. Returns the clicks given
-    (points as (row, column) of the slice); the result is `session.result()`."""
-    choose = CLICK_RULES[rule]
-    prediction, clicks = np.zeros_like(truth[k]), []
-    for _ in range(count):
-        click = choose(prediction, truth[k])
-        if click is None:
-            break
-        row, col = click.point
-        prediction = session.add_click([col, row, k], positive=click.positive).mask[k] > 0  # IJK = [column, row, slice]
-        clicks.append(click)
-    return clicks
+def chained_curve(session: KPrismSession, item: Item, truth: np.ndarray, value: int, picker: "ReferencePicker",
+                  rule: str, max_clicks: int, timings: Optional[Timings] = None) -> Optional[dict]:
+    """Semantic or in-context first (`knowledge_first`) on the item's slice, then `max_clicks` clicks on it.
+
+    None when the label is no class of the model and no other case shows it.
+    """
+    knowledge = knowledge_first(session, item.label, value, item.case_id, picker,
+                                slices=[item.slice_index] if session.image.ndim == 3 else None)
+    if knowledge is None:
+        return None
+    clicker = SliceClicker(session.target, 0, item.slice_index, propagate=False)
+    curve = click_loop(timed(clicker, timings.click_ms if timings else None), truth, rule, max_clicks,
+                       start=clicker.prediction())
+    return {"knowledge": knowledge, "start": curve.start_dice, "curve": curve.dice,
+            "nsd": nsd(curve.prediction, truth, item.spacing, NSD_TOLERANCE)}
+
+
+def knowledge_first(session: KPrismSession, name: str, value: int, case_id: str, picker: "ReferencePicker",
+                    slices: Optional[Sequence[int]] = None) -> Optional[str]:
+    """The chained mode's first step; the result becomes the session's target, ready for clicks.
+
+    A known class is segmented semantically (through the one-pass class head when the model has
+    one); any other structure in-context from one reference case. Returns "semantic", "incontext",
+    or None when neither is possible (no class, and no other case shows the structure).
+    """
+    if name in session.catalog:
+        session.segment_semantic([name], slices=slices, engine="auto")
+        return "semantic"
+    references = picker.references(case_id, value, 1)
+    if not references:
+        return None
+    session.segment_in_context(references, slices=slices)
+    return "incontext"
 
 
 def scribble_score(session: KPrismSession, item: Item, truth: np.ndarray, case: Case) -> dict:
@@ -228,13 +230,13 @@ def scribble_score(session: KPrismSession, item: Item, truth: np.ndarray, case: 
     session.reset()
     rng = np.random.default_rng(zlib.crc32(f"scribble/{case.case_id}/{item.label}/{item.slice_index}".encode()))
     stroke = scribble(truth, rng, "line", positive=True)
-    canonical = np.zeros(_view(session).canonical_shape if session.image.ndim == 3 else truth.shape, bool)
+    canonical = np.zeros(session.view.canonical_shape if session.image.ndim == 3 else truth.shape, bool)
     if session.image.ndim == 3:
         canonical[item.slice_index] = stroke
-        source = _view(session).from_canonical(canonical)
+        source = session.view.from_canonical(canonical)
     else:
         source = stroke
-    result = session.add_scribble(source, positive=True)
+    result = session.add_scribble(source, positive=True, propagate=False)  # scored on its slice: no travel
     predicted = _slice_mask(result.mask, session, item.slice_index) > 0
     return {"dice": dice(predicted, truth), "nsd": nsd(predicted, truth, item.spacing, NSD_TOLERANCE)}
 
@@ -255,11 +257,16 @@ def summarise(items: Sequence[Item], timings: Optional[Timings] = None, cap: int
     for key in sorted({k for i in items for k in i.scores}):
         scored = [i for i in items if key in i.scores]
         entry: dict = {"cases": len({i.case_id for i in scored}), "targets": len(scored)}
-        if key == "interactive":
+        if key in CURVE_MODES:
             curves = [i.scores[key]["curve"] for i in scored]
+            if key == "chained":
+                entry["dice_start"] = float(np.mean([i.scores[key]["start"] for i in scored]))
+                entry["knowledge"] = {k: sum(i.scores[key]["knowledge"] == k for i in scored) for k in ("semantic", "incontext")}
             entry["dice_mean"] = float(np.mean([c[-1] for c in curves]))
             entry["dice_at_clicks"] = {str(n): float(np.mean([c[n - 1] for c in curves])) for n in CLICK_REPORT if n <= len(curves[0])}
-            entry["dice_auc"] = float(np.mean([dice_auc(c) for c in curves]))
+            # The chained mode's area includes its start: what the first step got right counts too.
+            starts = [[i.scores[key]["start"]] if key == "chained" else [] for i in scored]
+            entry["dice_auc"] = float(np.mean([dice_auc(s + c) for s, c in zip(starts, curves)]))
             # NoC needs the full click budget: with fewer clicks a target that never got there has no count.
             complete = len(curves[0]) >= cap
             for threshold in (85, 90):

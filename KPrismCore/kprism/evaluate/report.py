@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -89,6 +89,62 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
     bars = plot_mode_bars(report, folder / "dice_by_dataset.png")
     text = (f"# Evaluation of {report['model']} ({report['protocol']} click rule, {report.get('clicks')} clicks)\n\n"
             f"{markdown_table(report)}\n\n![Dice against clicks]({curves.name})\n\n![Dice by dataset and mode]({bars.name})\n")
+    target = folder / "report.md"
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def volume_table(report: dict[str, Any]) -> str:
+    """The CVPR25 3D protocol: one row per dataset and mode, mean volumetric Dice after the first step and each click."""
+    rows = [(name, d, mode, entry) for name, d in report["datasets"].items() for mode, entry in d["modes"].items()]
+    steps = max((len(entry["dice_at_interactions"]) for *_, entry in rows), default=1)
+    header = (["dataset", "split", "mode", "targets", "first step"] + [f"{n} click{'s' if n > 1 else ''}" for n in range(1, steps)]
+              + ["Dice AUC", "NSD@2mm", "click p50 ms"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, d, mode, entry in rows:
+        curve = entry["dice_at_interactions"]
+        lines.append("| " + " | ".join([name, d.get("split", ""), mode, str(entry["targets"])]
+                                       + [_fmt(curve.get(str(n))) for n in range(steps)]
+                                       + [_fmt(entry["dice_auc"]), _fmt(entry["nsd_mean"]),
+                                          _fmt((entry.get("latency_ms") or {}).get("click_p50"), 0)]) + " |")
+    return "\n".join(lines)
+
+
+def volume_comparison(report: dict[str, Any], previous: dict[str, Any]) -> str:
+    """Each dataset and mode of both reports: previous → this run, for the first step, the last click, the rise and AUC/NSD."""
+    lines = ["| dataset | mode | first step | last click | rise | Dice AUC | NSD@2mm |", "|---|---|---|---|---|---|---|"]
+    for name, d in report["datasets"].items():
+        for mode, now in d["modes"].items():
+            before = previous.get("datasets", {}).get(name, {}).get("modes", {}).get(mode)
+            if before is None:
+                continue
+            pairs = [(_first(before), _first(now)), (_last(before), _last(now)),
+                     (_last(before) - _first(before), _last(now) - _first(now)),
+                     (before.get("dice_auc"), now.get("dice_auc")), (before.get("nsd_mean"), now.get("nsd_mean"))]
+            lines.append(f"| {name} | {mode} | " + " | ".join(f"{_fmt(a)} → {_fmt(b)}" for a, b in pairs) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _first(entry: dict) -> float:
+    return entry["dice_at_interactions"]["0"]
+
+
+def _last(entry: dict) -> float:
+    curve = entry["dice_at_interactions"]
+    return curve[str(len(curve) - 1)]
+
+
+def write_volume_report(report: dict[str, Any], folder: Path, previous: Optional[dict[str, Any]] = None) -> Path:
+    """report.md with the CVPR25 3D table (first step: the 3D box, or semantic / in-context when chained),
+    and, given an earlier report, its numbers beside these."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (f"# 3D evaluation of {report['model']} (CVPR25 protocol, {report.get('clicks')} clicks)\n\n"
+            "Mean volumetric Dice per dataset after the first step (interactive: the 3D bounding box; chained: "
+            "semantic or in-context) and after each click on the largest 3D error.\n\n"
+            f"{volume_table(report)}\n")
+    comparison = volume_comparison(report, previous) if previous else ""
+    if comparison:
+        text += f"\n## Previous run → this run\n\n{comparison}\n"
     target = folder / "report.md"
     target.write_text(text, encoding="utf-8")
     return target
