@@ -43,6 +43,7 @@ from .preprocess import resize_mask
 
 CONSOLIDATION_MARGIN = 0.05  # predicted Dice gain needed to re-answer a prompted slice from its neighbours
 CONSOLIDATION_DISTANCE = 2  # slices on each side that a prompt's first, short run fills for that
+FIRST_RUN_MAX_AREA_RATIO = 4.0  # that short run may grow the mask this much per slice (no limit: the ellipsoid leaks)
 
 
 @dataclass
@@ -367,7 +368,9 @@ class Target:
             if travel and len(indices) == 1 and first_prompt:
                 # A short first run gives the prompted slice neighbours to learn from (see _consolidate); the
                 # full run then starts from the prompted slice as answered with them.
-                short = TravelRules(self.rules.min_quality, self.rules.min_area_ratio, self.rules.max_area_ratio,
+                # An under-segmented first slice (a click's own answer is often small) must be free to grow:
+                # the quality and area-jump rules stopped the liver at its first step (one click 0.02 → 0.84).
+                short = TravelRules(0.0, self.rules.min_area_ratio, FIRST_RUN_MAX_AREA_RATIO,
                                     self.rules.growth_slack, self.rules.agreement, min_similarity=None)
                 self._travel(axis, indices[0], short, None, max_steps=CONSOLIDATION_DISTANCE)
                 self._consolidate(axis, indices[0], states[0])
