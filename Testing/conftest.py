@@ -13,3 +13,20 @@ torch.set_num_threads(1)
 
 # Slicer module tests (real MRML from slicer-core): fixtures `scene` and `logic`, see slicer_fixture.py.
 from slicer_fixture import logic, scene  # noqa: E402, F401
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Any encoder or decoder pass fails the test with WorkStarted: an input must be refused before."""
+    from test_reliability import WorkStarted
+
+    from kprism.model import KPrismModel
+
+    def refuse(*args, **kwargs):
+        raise WorkStarted("the model ran before the input was checked")
+
+    monkeypatch.setattr(KPrismModel, "encode", refuse)
+    monkeypatch.setattr(KPrismModel, "decode", refuse)

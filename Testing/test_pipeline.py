@@ -16,7 +16,6 @@ from test_reliability import WorkStarted
 
 from kprism.catalog import UnknownClassError
 from kprism.io import read_image
-from kprism.model import KPrismModel
 from kprism.pipeline import (
     CLI_NAMES,
     BoxPrompt,
@@ -47,14 +46,6 @@ def xray(session) -> KPrismSession:
     return session
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Any encoder or decoder pass fails the test: the request must be refused before."""
-    def refuse(*args, **kwargs):
-        raise WorkStarted("the model ran before the request was checked")
-
-    monkeypatch.setattr(KPrismModel, "encode", refuse)
-    monkeypatch.setattr(KPrismModel, "decode", refuse)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

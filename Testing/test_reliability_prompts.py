@@ -20,7 +20,6 @@ from test_reliability import WorkStarted, run_kprism, write_ct
 
 from kprism import prompt_file
 from kprism.io import read_image
-from kprism.model import KPrismModel
 from kprism.prompt_file import (
     MAX_BOXES,
     MAX_POINTS,
@@ -51,14 +50,6 @@ def write_prompts(folder: Path, content) -> Path:
     return path
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Any encoder or decoder pass fails the test: the prompts must be refused before."""
-    def refuse(*args, **kwargs):
-        raise WorkStarted("the model ran before the prompts were checked")
-
-    monkeypatch.setattr(KPrismModel, "encode", refuse)
-    monkeypatch.setattr(KPrismModel, "decode", refuse)
 
 
 # ----------------------------------------------------------------------------------------------- P11
