@@ -345,7 +345,10 @@ def test_K01_ctrl_c_mid_run_prints_one_line_exits_130_and_leaves_only_whole_outp
         write_ct(cases / f"case{n}.nrrd", shape=(24, 64, 64), spacing=(1.0, 1.0, 2.0))
     out = tmp_path / "out"
     # Each input after the first takes at least 3 s more, so Ctrl-C always lands mid-run, however fast the machine.
-    slow_batch = (f"import sys, time; sys.path.insert(0, {str(BATCH_SCRIPT.parent)!r}); import batch\n"
+    # A shell that starts a job in the background makes it ignore SIGINT, and the child would inherit that:
+    # restore Python's own handler so the test sees what a user's Ctrl-C does.
+    slow_batch = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                  f"import sys, time; sys.path.insert(0, {str(BATCH_SCRIPT.parent)!r}); import batch\n"
                   "from KPrismSlicerLib.logic import KPrismLogic\n"
                   "segment, calls = KPrismLogic.segment, []\n"
                   "def slow(*args, **kwargs):\n"
