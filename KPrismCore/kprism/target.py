@@ -418,13 +418,14 @@ class Target:
             previous, previous_area = anchor, int(seed.sum())
             index = start + direction
             anchors = self.anchors
+            boxed_axis = any(a == axis and state.box is not None for (a, _), state in self._states.items())
             while 0 <= index < count and (axis, index) not in anchors and (max_steps is None or abs(index - start) <= max_steps):
                 references = [previous] if previous is anchor else [previous, anchor]
                 prompts = Prompts(ref_features=torch.cat([f for f, _ in references])[None],
                                   ref_masks=torch.stack([m for _, m in references])[None, :, None])
                 boxed_only = (axis, index) in self._states  # not an anchor (checked above), so only a box prompted it
-                if into_empty_only and not boxed_only and (self._slice(self._volume, axis, index) >= 0.5).any():
-                    break  # a correction extends the structure and redoes box-filled slices; it keeps other results
+                if into_empty_only and not boxed_only and (boxed_axis or (self._slice(self._volume, axis, index) >= 0.5).any()):
+                    break  # a correction redoes box-filled slices and extends into empty ones, never past a 3D box
                 logits, quality = self.encoded.decode(self.encoded.features(axis, [index])[0], prompts)
                 probability = self.encoded.to_slice_grid(axis, logits[0])
                 mask = probability >= 0.5
