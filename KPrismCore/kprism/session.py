@@ -371,8 +371,9 @@ class KPrismSession:
     def _fuse_cross_axes(self, rules: TravelRules) -> None:
         """Averages the target with its re-propagation along the two other axes (merged into the propagation's undo step)."""
         target = self.target
-        mask = target.result().mask
-        probabilities = [target.result().probability]
+        current = target.result()  # one whole-volume copy, not two
+        mask = current.mask
+        probabilities = [current.probability]
         for axis in (a for a in range(3) if a != self.axis):
             helper = Target(self._encoded(), axis=axis)
             helper.set_prior(mask)

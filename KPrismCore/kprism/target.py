@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .data.interaction import dice
-from .encoded_image import EncodedImage, Progress, SlicePoint
+from .encoded_image import EncodedImage, Progress
 from .image import CoordinateSystem, Geometry, ImageData
 from .model import Prompts
-from .orientation import CanonicalView
 from .model_grid import box_edges, click_point, prior_from_logits, prior_from_probability, scribble_map
 from .preprocess import resize_mask
 
