@@ -15,7 +15,15 @@ segmented in-context from the last accepted one and the prompted one — until t
 with what was there, a slice the user clicked or scribbled on (an anchor, never overwritten) is
 reached, or a stop rule fires. A first prompt travels as far as the structure goes; a correction
 on a target that already has a result travels only into empty slices (it extends the structure,
-and does not redo slices that hold a result: measured, that made them worse). The stop rules: low predicted quality, the structure shrinking away, its area jumping (a leak), or
+and does not redo slices that hold a result: measured, that made them worse).
+
+A 3D box says where the structure is: nothing outside it is kept (the small model's answer to a
+box spills past it; limiting the result to the box lifted box-only 3D Dice on CT 0.19 → 0.39,
+ACDC 0.36 → 0.53), and no travel leaves it. A clicked slice follows its clicks, not its box (the
+model fills a box whatever the clicks say). A positive click also redoes the slices only the box
+filled (it travels through them, without their box); a negative click does not (on the left
+atrium, carrying a removal through box-filled slices lowered 3D Dice 0.42 → 0.29). A positive
+click outside the box says the box was wrong: the limit is lifted. The stop rules: low predicted quality, the structure shrinking away, its area jumping (a leak), or
 the region drifting away from what the prompted slice shows (its mean encoder feature inside the
 mask; the liver of a CT otherwise travelled 40 slices into the bowel: 3D Dice 0.37 → 0.58).
 
@@ -112,6 +120,7 @@ class _Step:
     writes: list[tuple] = field(default_factory=list)  # (axis, index, old values, old quality, old logits or None)
     states: dict[tuple[int, int], Optional[_SliceState]] = field(default_factory=dict)
     knowledge: Optional[tuple[Optional[Prompts]]] = None  # (old knowledge,) when the step replaced it
+    box_limit: Optional[tuple] = None  # (old 3D box limit,) when the step replaced it
     last: Optional[tuple[int, int]] = None  # the last prompted slice before the step
     record: Optional[dict] = None  # its provenance entry
 
@@ -152,6 +161,7 @@ class Target:
         self._started = False
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # the model's last answer per slice: the next prior
         self._written: set[tuple[int, int]] = set()  # every slice ever written (undo and redo only touch these)
+        self._box_limit: Optional[tuple[tuple[int, int], ...]] = None  # a 3D box's inclusive canonical bounds per axis
 
     # ------------------------------------------------------------------------------------- reading
     @property
@@ -253,8 +263,11 @@ class Target:
         where = self.encoded.locate(point, coordinates, axis)
         x, y = click_point(where.row, where.column, self.encoded.slice_shape(axis), self.size)
         record = {"click": [float(v) for v in point], "positive": bool(positive), "coordinates": coordinates, "axis": axis}
+        limit = self._box_limit
+        if positive and limit is not None and not self._inside_box(where):
+            limit = None  # the structure reaches past the box the user drew
         return self._interact(where.axis, [where.index], lambda state: state.points.append((float(x), float(y), int(positive))),
-                              propagate, record)
+                              propagate, record, box_limit=limit, through_box_only=bool(positive))
 
     def box(self, minimum: Sequence[float], maximum: Sequence[float], coordinates: CoordinateSystem = "ijk",
             axis: Optional[int] = None, propagate: Optional[bool] = None) -> Delta:
@@ -267,7 +280,14 @@ class Target:
         record = {"box": [[float(v) for v in minimum], [float(v) for v in maximum]], "coordinates": coordinates, "axis": axis}
         if len(indices) > 1 and propagate is None:
             propagate = False  # a 3D box already says where the structure starts and ends
-        return self._interact(axis, indices, lambda state: setattr(state, "box", rectangle), propagate, record)
+        limit = self._box_limit
+        if len(indices) > 1 and self.encoded.ndim == 3:
+            rows, columns = sorted((first.row, last.row)), sorted((first.column, last.column))
+            bounds = [(round(rows[0]), round(rows[1])), (round(columns[0]), round(columns[1]))]
+            bounds.insert(axis, (indices[0], indices[-1]))
+            limit = tuple((int(low), int(high)) for low, high in bounds)
+        return self._interact(axis, indices, lambda state: setattr(state, "box", rectangle), propagate, record,
+                              box_limit=limit)
 
     def scribble(self, mask: np.ndarray, positive: bool = True, axis: Optional[int] = None,
                  propagate: Optional[bool] = None) -> Delta:
@@ -333,6 +353,8 @@ class Target:
                 merged.states.setdefault(key, state)
             if merged.knowledge is None:
                 merged.knowledge = step.knowledge
+            if merged.box_limit is None:
+                merged.box_limit = step.box_limit
             if step.record is not None and step.record in self.provenance:
                 self.provenance.remove(step.record)
         self.provenance.append(record)
@@ -348,10 +370,13 @@ class Target:
 
     # ------------------------------------------------------------------------------------- internals
     def _interact(self, axis: int, indices: list[int], change: Callable, propagate: Optional[bool], record: dict,
-                  per_index: bool = False) -> Delta:
+                  per_index: bool = False, box_limit: Optional[tuple] = ..., through_box_only: bool = False) -> Delta:
         travel = self.encoded.ndim == 3 if propagate is None else bool(propagate and self.encoded.ndim == 3)
         first_prompt = travel and len(indices) == 1 and self.is_empty
         with self._recording() as touched:
+            if box_limit is not ... and box_limit != self._box_limit:
+                self._step.box_limit = (self._box_limit,)
+                self._box_limit = box_limit
             prompts, states = [], []
             for index in indices:
                 key = (axis, index)
@@ -378,7 +403,7 @@ class Target:
                 # A correction re-segments its slice and extends into empty neighbours only: redoing slices that
                 # already held a result made them worse (ACDC, class first then 5 clicks, 2 cases: 3D Dice
                 # 0.737 → 0.603 with travel over them; 0.737 → 0.777 without).
-                self._travel(axis, indices[0], self.rules, None, into_empty_only=True)
+                self._travel(axis, indices[0], self.rules, None, into_empty_only=True, through_box_only=through_box_only)
             elif travel:
                 for start in sorted({indices[0], indices[-1]}):
                     self._travel(axis, start, self.rules, None, only_outward_of=(indices[0], indices[-1]))
@@ -397,7 +422,7 @@ class Target:
 
     def _travel(self, axis: int, start: int, rules: TravelRules, progress: Optional[Progress],
                 only_outward_of: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,
-                into_empty_only: bool = False) -> None:
+                into_empty_only: bool = False, through_box_only: bool = False) -> None:
         """Carry slice `start`'s mask to its neighbours along `axis` until a stop rule fires (see the module doc)."""
         seed = self._slice(self._volume, axis, start) >= 0.5
         if not seed.any():
@@ -415,13 +440,16 @@ class Target:
             index = start + direction
             anchors = self.anchors
             while 0 <= index < count and (axis, index) not in anchors and (max_steps is None or abs(index - start) <= max_steps):
+                if self._box_limit is not None and not self._box_limit[axis][0] <= index <= self._box_limit[axis][1]:
+                    break  # no travel leaves a 3D box
                 references = [previous] if previous is anchor else [previous, anchor]
                 prompts = Prompts(ref_features=torch.cat([f for f, _ in references])[None],
                                   ref_masks=torch.stack([m for _, m in references])[None, :, None])
-                if into_empty_only and (self._slice(self._volume, axis, index) >= 0.5).any():
-                    break  # a correction extends the structure; it does not redo slices that hold a result
                 state = self._states.get((axis, index))
-                if state is not None and state.box is not None:  # a box placed on this slice still holds
+                redo_box_only = through_box_only and state is not None  # not an anchor (checked above): only a box prompted it
+                if into_empty_only and not redo_box_only and (self._slice(self._volume, axis, index) >= 0.5).any():
+                    break  # a correction extends the structure; it does not redo slices that hold a result
+                if not redo_box_only and state is not None and state.box is not None:  # a box placed on this slice still holds
                     prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
                 logits, quality = self.encoded.decode(self.encoded.features(axis, [index])[0], prompts)
                 probability = self.encoded.to_slice_grid(axis, logits[0])
@@ -487,7 +515,7 @@ class Target:
             prompts.points, prompts.point_labels = pts, torch.tensor([[p[2] for p in state.points]])
         if state.scribbles is not None:
             prompts.scribbles = torch.from_numpy(state.scribbles)[None]
-        if state.box is not None:
+        if state.box is not None and not state.points:  # once clicked, a slice follows its clicks (a box gets filled)
             prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
         if key is not None and key in self._logits:
             prompts.prior_logits = prior_from_logits(self._logits[key], self.size)
@@ -504,11 +532,29 @@ class Target:
         self._written.add(key)
         view = self._volume if self.encoded.ndim == 2 else _slice_view(self._volume, axis, index)
         self._step.writes.append((axis, index, view.copy(), self._quality.get(key, math.nan), self._logits.get(key)))
+        values = self._limit_to_box(axis, index, values)  # the model's logits stay the next prior, unlimited
         protected = self._protect_anchors(axis, index, view, values)
         view[...] = protected
         self._set_logits(key, logits if protected is values else None)  # logits no longer describe a patched slice
         self._set_quality(key, quality)
         self._touched.append((axis, index))
+
+    def _inside_box(self, where) -> bool:
+        """Whether a located point (`EncodedImage.locate`) lies in the 3D box limit."""
+        in_plane = [a for a in range(3) if a != where.axis]
+        position = {where.axis: where.index, in_plane[0]: round(where.row), in_plane[1]: round(where.column)}
+        return all(low <= position[a] <= high for a, (low, high) in enumerate(self._box_limit))
+
+    def _limit_to_box(self, axis: int, index: int, values: np.ndarray) -> np.ndarray:
+        """One slice's new values with everything outside the 3D box limit set to zero (unchanged without a box)."""
+        if self._box_limit is None or self.encoded.ndim != 3:
+            return values
+        low, high = self._box_limit[axis]
+        limited = np.zeros_like(values, dtype=np.float32)
+        if low <= index <= high:
+            (r0, r1), (c0, c1) = [bounds for a, bounds in enumerate(self._box_limit) if a != axis]
+            limited[r0:r1 + 1, c0:c1 + 1] = values[r0:r1 + 1, c0:c1 + 1]
+        return limited
 
     def _protect_anchors(self, axis: int, index: int, current: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Keep the voxels where a slice the user prompted on another axis crosses this one."""
@@ -556,13 +602,17 @@ class Target:
         step = source.pop()
         counter = _Step(last=self._last)
         counter.knowledge = (self.knowledge,) if step.knowledge is not None else None
+        counter.box_limit = (self._box_limit,) if step.box_limit is not None else None
         for key in step.states:
             counter.states[key] = self._states.get(key)
         self._touched = []
         for axis, index, old, quality, logits in reversed(step.writes):
             view = self._volume if self.encoded.ndim == 2 else _slice_view(self._volume, axis, index)
             key = (axis, index)
-            counter.writes.insert(0, (axis, index, view.copy(), self._quality.get(key, math.nan), self._logits.get(key)))
+            # Appended, so that replaying the counter step in reverse ends each slice on the value it had first
+            # here: a slice written twice by one step (a first click's short run, then its full run) comes back as
+            # it ended, not as it was in between.
+            counter.writes.append((axis, index, view.copy(), self._quality.get(key, math.nan), self._logits.get(key)))
             view[...] = old
             self._set_quality(key, quality)
             self._set_logits(key, logits)
@@ -645,6 +695,8 @@ def _restore_states(target: Target, step: _Step) -> None:
             target._states[key] = state
     if step.knowledge is not None:
         target.knowledge = step.knowledge[0]
+    if step.box_limit is not None:
+        target._box_limit = step.box_limit[0]
     target._last = step.last
 
 

@@ -157,6 +157,58 @@ def test_travel_stops_where_the_area_jumps_like_a_leak(encoded, monkeypatch):
     assert np.array_equal(encoded.view.to_canonical(target.result().mask), seed)
 
 
+def _answers_by_box(encoded, monkeypatch):
+    """A decoder that floods the whole slice when a box is in the prompt, else marks the slice's centre."""
+    half = encoded.size // 2
+    flood = np.full((1, half, half), 8.0, np.float32)
+    centre = np.full((1, half, half), -8.0, np.float32)
+    centre[:, half // 4: 3 * half // 4, half // 4: 3 * half // 4] = 8.0
+
+    def answer(features, prompts):
+        return (flood if prompts.boxes is not None else centre), np.array([0.9], np.float32)
+
+    monkeypatch.setattr(encoded, "decode", answer)
+
+
+def test_a_3d_box_limits_the_result_and_its_travel_until_a_positive_click_outside(encoded, monkeypatch):
+    _answers_by_box(encoded, monkeypatch)
+    target = Target(encoded, rules=TravelRules(min_similarity=None, agreement=None))
+    inside = np.zeros(encoded.shape, bool)
+    inside[4:7, 2:15, 2:13] = True  # IJK corners (2, 2, 4) and (12, 14, 6), in array order
+    target.box([2, 2, 4], [12, 14, 6])
+    assert target.result().mask[inside].all() and not target.result().mask[~inside].any()  # the flood stops at the box
+
+    target.click([7, 8, 5])  # a positive click inside: its change travels, never out of the box
+    assert target.result().mask.any() and not target.result().mask[~inside].any()
+
+    before = target.result().mask
+    target.click([20, 20, 8])  # a positive click outside: the box was too small
+    assert target.result().mask[~inside].any()
+    target.undo()
+    assert np.array_equal(target.result().mask, before)
+    target.click([7, 12, 5], positive=False)  # the limit is back after the undo
+    assert not target.result().mask[~inside].any()
+
+
+def test_a_positive_click_redoes_box_only_slices_and_a_negative_one_keeps_them(encoded, monkeypatch):
+    _answers_by_box(encoded, monkeypatch)
+    rows, columns = slice(2, 22), slice(2, 26)  # the box's in-plane extent (array order)
+    boxed = Target(encoded, rules=TravelRules(min_similarity=None, agreement=None))
+    boxed.box([2, 2, 3], [25, 21, 7])
+    box_only = boxed.result().mask
+    assert all(box_only[z, rows, columns].all() for z in range(3, 8))
+
+    negative = Target(encoded, rules=TravelRules(min_similarity=None, agreement=None))
+    negative.box([2, 2, 3], [25, 21, 7])
+    negative.click([3, 3, 5], positive=False)  # its slice follows the click; the box-only slices stay
+    mask = negative.result().mask
+    assert not mask[5, rows, columns].all() and np.array_equal(mask[[3, 4, 6, 7]], box_only[[3, 4, 6, 7]])
+
+    boxed.click([13, 12, 5])  # a positive click's answer travels through the slices only the box filled
+    mask = boxed.result().mask
+    assert all(mask[z].any() and not mask[z, rows, columns].all() for z in range(3, 8))
+
+
 def test_undo_and_redo_restore_results_and_provenance(encoded):
     target = Target(encoded)
     target.click([10, 12, 5])
