@@ -72,7 +72,7 @@ def add_volume(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "vo
 
 def read_volume(scene, path: Path, name: str | None = None):
     """A volume read the way Slicer reads it (vtkMRMLVolumeArchetypeStorageNode)."""
-    import batch
+    from KPrismSlicerLib import batch
 
     return batch.read_volume(scene, Path(path), name)
 

@@ -1,4 +1,4 @@
-"""KPrismSlicer/batch.py under plain Python: MRML storage nodes in and out, the module's logic between."""
+"""KPrismSlicer/KPrismSlicerLib/batch.py under plain Python: MRML storage nodes in and out, the module's logic between."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from slicer_fixture import SLICER_MODULE_DIR, blob_array, dice, oblique_ijk_to_ras
 
-import batch
+from KPrismSlicerLib import batch
 from kprism.io import read_image, read_segmentation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -21,7 +21,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 def run_batch(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(SLICER_MODULE_DIR / "batch.py"), *args, "--threads", "1"],
+    return subprocess.run([sys.executable, str(SLICER_MODULE_DIR / "KPrismSlicerLib" / "batch.py"), *args, "--threads", "1"],
                           capture_output=True, encoding="utf-8", env=env, timeout=300)
 
 
@@ -55,7 +55,7 @@ def test_batch_script_end_to_end(tmp_path):
     written = out / "blob.seg.nrrd"
     assert [p.name for p in out.iterdir()] == ["blob.seg.nrrd"] and same_grid(image, written)
     labels, _, segments = read_segmentation(written)
-    assert labels[6, 20, 24] == 1 and [s["name"] for s in segments] == ["KPrism"]
+    assert labels[6, 20, 24] == 1 and [s["name"] for s in segments] == ["KPrism 1"]  # item 5: numbered new segments
     tag = json.loads(segments[0]["tags"]["KPrism.Provenance"])
     assert tag["mode"] == "interactive" and tag["prompts"][0]["ras"] == np.round(centre_ras, 3).tolist()
 

@@ -1,7 +1,7 @@
 """Reliability: every bad input ends in a correct result or a clear error, and nothing written is lost.
 
 Project issue 6, item 3. Each case drives a user-facing entry point (the `kprism` command line run
-in-process, `KPrismSession`, or `KPrismSlicer/batch.py`) with a damaged, odd or hostile input and
+in-process, `KPrismSession`, or `KPrismSlicer/KPrismSlicerLib/batch.py`) with a damaged, odd or hostile input and
 checks three things: the outcome is either a correct result or an error that names the file or value
 to fix; no output is ever partial (outputs appear whole or not at all, temporaries are cleaned up);
 and nothing that existed before (the input, an earlier output) is changed by a failed run.
@@ -37,13 +37,13 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from slicer_fixture import SLICER_MODULE_DIR
 
-import batch
+from KPrismSlicerLib import batch
 from kprism import cli, io, weights
 from kprism.catalog import ClassCatalog, UnknownClassError
 from kprism.image import ImageData
 from kprism.session import KPrismSession, Reference
 
-BATCH_SCRIPT = SLICER_MODULE_DIR / "batch.py"
+BATCH_SCRIPT = SLICER_MODULE_DIR / "KPrismSlicerLib" / "batch.py"
 SUBPROCESS_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
 VOLUME_SHAPE = (6, 32, 40)  # k, j, i
 VOLUME_SPACING = (0.8, 0.9, 2.5)  # i, j, k
@@ -75,7 +75,7 @@ def segment(capsys, *args) -> tuple[int, str, str]:
 
 
 def run_batch(capsys, *args) -> tuple[int, str, str]:
-    """`KPrismSlicer/batch.py ARGS` in this process: (exit code, stdout, stderr)."""
+    """`KPrismSlicer/KPrismSlicerLib/batch.py ARGS` in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
     code = batch.main([str(a) for a in args] + ["--threads", "1", "--device", "cpu"])
     out, err = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""KPrismSlicer/batch.py reliability (issue 10, items 6 and 10): audit rows B01a–c, B05–B07, B09, K01, K05.
+"""KPrismSlicer/KPrismSlicerLib/batch.py reliability (issue 10, items 6 and 10): audit rows B01a–c, B05–B07, B09, K01, K05.
 
 The batch reads volumes through MRML storage nodes, so it needs kprism's reader in front of them
 (B01), kprism's one prompts.json parser (B05–B07), a read-back of every output before it counts
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import slicerio
 from test_reliability import BATCH_SCRIPT, SUBPROCESS_ENV, WorkStarted, run_batch, run_kprism, temporaries, write_ct
 
-import batch
+from KPrismSlicerLib import batch
 from kprism import io
 from kprism.model import KPrismModel
 from kprism.prompt_file import MAX_POINTS_PER_SLICE
@@ -348,7 +348,7 @@ def test_K01_ctrl_c_mid_run_prints_one_line_exits_130_and_leaves_only_whole_outp
     # A shell that starts a job in the background makes it ignore SIGINT, and the child would inherit that:
     # restore Python's own handler so the test sees what a user's Ctrl-C does.
     slow_batch = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-                  f"import sys, time; sys.path.insert(0, {str(BATCH_SCRIPT.parent)!r}); import batch\n"
+                  f"import sys, time; sys.path.insert(0, {str(BATCH_SCRIPT.parent.parent)!r}); from KPrismSlicerLib import batch\n"
                   "from KPrismSlicerLib.logic import KPrismLogic\n"
                   "segment, calls = KPrismLogic.segment, []\n"
                   "def slow(*args, **kwargs):\n"

@@ -1,9 +1,9 @@
 """Headless KPrism batch segmentation through the Slicer module's logic.
 
 Inside 3D Slicer:
-    Slicer --no-main-window --python-script KPrismSlicer/batch.py -- --input scans/ --output out/ --mode semantic --classes liver
+    Slicer --no-main-window --python-script KPrismSlicer/KPrismSlicerLib/batch.py -- --input scans/ --output out/ --mode semantic --classes liver
 Under plain Python with the slicer-core wheel (same code path):
-    python KPrismSlicer/batch.py --input scans/ --output out/ --mode semantic --classes liver
+    python KPrismSlicer/KPrismSlicerLib/batch.py --input scans/ --output out/ --mode semantic --classes liver
 
 Volumes are read and results written with MRML storage nodes (vtkMRMLVolumeArchetypeStorageNode,
 vtkMRMLSegmentationStorageNode), so the output is what the Slicer application would save. Every
@@ -11,7 +11,9 @@ input is first checked with kprism's reader, so the batch refuses exactly what `
 refuses, with the same reason. Each output appears atomically and only after it was read back
 completely, and it carries a fingerprint of the settings that made it: a rerun skips outputs made
 with the same settings and reports those made with other ones. The exit status is 1 when any input
-failed (or was kept from other settings), 2 for a bad command line, 130 when interrupted.
+failed (or was kept from other settings) or on an unexpected error, 2 for a bad command line or when
+kprism's dependencies are missing (it installs nothing), 130 when interrupted; inside Slicer every
+outcome ends the application, so no windowless Slicer is left running.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-# Make KPrismSlicerLib importable when run as a script: from the source tree (KPrismSlicer/batch.py)
-# or from an installed extension (qt-scripted-modules/KPrismSlicerLib/batch.py).
+# Make KPrismSlicerLib importable when run as a script: it lives in KPrismSlicerLib/, both in the source
+# tree and in an installed extension (qt-scripted-modules/KPrismSlicerLib/batch.py). Not at the top of the
+# module folder: Slicer tries to load every top-level .py file there as a module.
 _HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent if _HERE.name == "KPrismSlicerLib" else _HERE))
+sys.path.insert(0, str(_HERE.parent))
 
 if TYPE_CHECKING:
     from kprism.prompt_file import PromptFile
@@ -51,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # Slicer passes the separator after --python-script through
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="KPrismSlicer/batch.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="KPrismSlicer/KPrismSlicerLib/batch.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", action="append", required=True, metavar="PATH",
                    help="a volume file or a folder of them (repeatable); .seg.nrrd files are not inputs")
     p.add_argument("--output", required=True, metavar="FOLDER", help="output folder (created if needed)")
@@ -532,6 +535,10 @@ def resolve_prompts(scene: Any, prompts: Optional["PromptFile"], volume: Any) ->
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    unavailable = dependencies_problem()
+    if unavailable:
+        print(f"kprism batch: error: {unavailable}", file=sys.stderr, flush=True)
+        return 2
     try:
         with _one_line_warnings():
             return run(args)
@@ -625,12 +632,48 @@ def _report_plan(args: argparse.Namespace, work: Plan) -> None:
     print(f"kprism batch: {len(work.todo)} to segment, {work.finished} already finished{kept} (shard {args.shard})", flush=True)
 
 
-def _exit(code: int) -> None:
-    from KPrismSlicerLib.nodes import app_running
+def dependencies_problem() -> Optional[str]:
+    """One line when kprism or what it needs is missing from this Python, else None. The batch installs nothing."""
+    from KPrismSlicerLib import bundled, install
 
-    if app_running():
+    if bundled.python_problem():
+        return bundled.python_problem()
+    if not bundled.kprism_found():
+        return bundled.MISSING_PACKAGE
+    absent = install.missing()
+    if absent:
+        return (f"KPrism's Python packages are not installed: {', '.join(absent)}. The batch installs nothing: open "
+                "the KPrism module in Slicer once and press 'Install dependencies' (plain Python: pip install ./KPrismCore).")
+    return None
+
+
+def script_entry(argv: Optional[Sequence[str]] = None) -> None:
+    """Run as a script and always end the process with a status.
+
+    `Slicer --python-script` does not exit when the script ends, so anything that escaped here would leave
+    a windowless Slicer running: every outcome, an unforeseen exception included, ends in _exit.
+    """
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a bad command line (2, message already printed)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        code = 130
+    except BaseException as error:  # noqa: BLE001 - the last line of defence
+        print(f"kprism batch: unexpected error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr, flush=True)
+        code = 1
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    try:
         import slicer
 
+        inside_slicer = getattr(slicer, "app", None) is not None
+    except ImportError:
+        inside_slicer = False
+    if inside_slicer:
         slicer.util.exit(code)
     else:
         sys.exit(code)
@@ -638,4 +681,4 @@ def _exit(code: int) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    _exit(main())
+    script_entry()

@@ -21,32 +21,37 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import slicer
 
 from . import nodes
+from .names import class_color, new_segment_color, next_segment_name
 from .nodes import InputError
+from .worker import JobCancelled, JobControl
 
 if TYPE_CHECKING:
     from kprism.encoded_image import EncodedImage
     from kprism.pipeline import PromptStep
-    from kprism.target import Delta, Target
+    from kprism.target import Target
 
 Progress = Callable[[float, str], None]  # (fraction done 0–1, message)
 Cancel = Callable[[], bool]  # True asks the running segmentation to stop
 MODES = ("semantic", "incontext", "interactive")
 _MODE_ALIASES = {"in-context": "incontext", "in_context": "incontext", "context": "incontext"}
 DEFAULT_NAME = "KPrism"
-NEW_SEGMENT_COLOR = (0.35, 0.85, 0.35)
 ENCODED_IMAGES_KEPT = 4  # volumes whose encoded slices stay cached (each cache is bounded by kprism)
 
 
-class SegmentationCancelled(RuntimeError):
+class SegmentationCancelled(JobCancelled):
     """The user cancelled; nothing was written."""
+
+    def __init__(self, message: str = "Segmentation cancelled; the segmentation was left unchanged.") -> None:
+        super().__init__(message)
 
 
 class KPrismUnavailable(RuntimeError):
@@ -74,6 +79,7 @@ class Prompt:
     ras: Optional[Sequence[float]] = None
     ras_max: Optional[Sequence[float]] = None
     axis: Optional[int] = None
+    mask: Optional[np.ndarray] = None  # a scribble drawn on the volume's grid, (k, j, i), instead of a segment
 
     @classmethod
     def point(cls, ras: Sequence[float], positive: bool = True, axis: Optional[int] = None) -> "Prompt":
@@ -84,16 +90,21 @@ class Prompt:
         return cls("point", node=markups_node, positive=positive, axis=axis)
 
     @classmethod
-    def box(cls, roi_node: Any) -> "Prompt":
-        return cls("box", node=roi_node)
+    def box(cls, roi_node: Any, axis: Optional[int] = None) -> "Prompt":
+        return cls("box", node=roi_node, axis=axis)
 
     @classmethod
-    def box_ras(cls, ras_min: Sequence[float], ras_max: Sequence[float]) -> "Prompt":
-        return cls("box", ras=tuple(ras_min), ras_max=tuple(ras_max))
+    def box_ras(cls, ras_min: Sequence[float], ras_max: Sequence[float], axis: Optional[int] = None) -> "Prompt":
+        return cls("box", ras=tuple(ras_min), ras_max=tuple(ras_max), axis=axis)
 
     @classmethod
     def scribble(cls, segmentation_node: Any, segment_id: str, positive: bool = True) -> "Prompt":
         return cls("scribble", node=segmentation_node, segment_id=segment_id, positive=positive)
+
+    @classmethod
+    def scribble_mask(cls, mask: np.ndarray, positive: bool = True, axis: Optional[int] = None) -> "Prompt":
+        """A stroke painted in a view: a 0/1 mask on the volume's grid, (k, j, i)."""
+        return cls("scribble", mask=np.asarray(mask), positive=positive, axis=axis)
 
     @classmethod
     def prior(cls, segmentation_node: Any, segment_id: str) -> "Prompt":
@@ -136,6 +147,7 @@ class KPrismLogic:
         self.model, self.device, self.threads = model or None, device or "auto", threads
         self._session = None
         self._images: OrderedDict[tuple, tuple[tuple, "EncodedImage"]] = OrderedDict()
+        self._images_lock = threading.Lock()  # the GUI thread looks up, the worker thread adds
         self._last_run: Optional[tuple[tuple, "Target"]] = None  # (volume, segmentation, segment IDs), its structure
 
     # ------------------------------------------------------------------------------------- model
@@ -144,7 +156,8 @@ class KPrismLogic:
         if (model or None, device or "auto", threads) != (self.model, self.device, self.threads):
             self.model, self.device, self.threads = model or None, device or "auto", threads
             self._session, self._last_run = None, None
-            self._images.clear()
+            with self._images_lock:
+                self._images.clear()
 
     @property
     def session(self):
@@ -182,30 +195,48 @@ class KPrismLogic:
         return f"torch {torch.__version__} ({cuda})"
 
     # ------------------------------------------------------------------------------------- encoded volumes
+    def volume_state(self, volume_node: Any, modality: Optional[str] = None) -> tuple[tuple, tuple]:
+        """(key, state) of a volume as the model sees it (GUI thread; cheap: no voxel is read)."""
+        nodes.check_volume(volume_node)
+        key = (volume_node.GetID(), (modality or "").strip().lower() or None)
+        state = (volume_node.GetImageData().GetMTime(), tuple(np.round(nodes.ijk_to_ras_matrix(volume_node), 9).ravel()))
+        return key, state
+
+    def cached_encoded(self, key: tuple, state: tuple) -> Optional["EncodedImage"]:
+        """The encoded volume held for `key` if it was made from that `state` of the volume."""
+        with self._images_lock:
+            held = self._images.get(key)
+            if held is None or held[0] != state:
+                return None
+            self._images.move_to_end(key)
+            return held[1]
+
+    def encode(self, key: tuple, state: tuple, image: Any, axis: int = 0) -> "EncodedImage":
+        """Prepare a volume read from MRML (kprism ImageData) for the model and keep it (worker thread: loads the model)."""
+        from kprism.encoded_image import EncodedImage
+
+        held = self.cached_encoded(key, state)
+        if held is not None:
+            return held
+        session = self.session
+        encoded = EncodedImage(session.model, image, device=session.device, threads=session.threads,
+                               default_axis=nodes.slicing_axis(image, axis))
+        with self._images_lock:
+            self._images[key] = (state, encoded)
+            self._images.move_to_end(key)
+            while len(self._images) > ENCODED_IMAGES_KEPT:
+                self._images.popitem(last=False)
+        return encoded
+
     def encoded_image(self, volume_node: Any, modality: Optional[str] = None, axis: int = 0) -> "EncodedImage":
         """The volume prepared for the model, shared by every run and session on it (one per volume and modality).
 
         Prepared again only when the voxels or the geometry changed; sessions holding the old one
         notice and start again from their segment.
         """
-        from kprism.encoded_image import EncodedImage
-
-        nodes.check_volume(volume_node)
-        session = self.session
-        key = (volume_node.GetID(), (modality or "").strip().lower() or None)
-        state = (volume_node.GetImageData().GetMTime(), tuple(np.round(nodes.ijk_to_ras_matrix(volume_node), 9).ravel()))
-        held = self._images.get(key)
-        if held is not None and held[0] == state:
-            self._images.move_to_end(key)
-            return held[1]
-        image = nodes.volume_to_image(volume_node, modality)
-        encoded = EncodedImage(session.model, image, device=session.device, threads=session.threads,
-                               default_axis=nodes.slicing_axis(image, axis))
-        self._images[key] = (state, encoded)
-        self._images.move_to_end(key)
-        while len(self._images) > ENCODED_IMAGES_KEPT:
-            self._images.popitem(last=False)
-        return encoded
+        key, state = self.volume_state(volume_node, modality)
+        held = self.cached_encoded(key, state)
+        return held if held is not None else self.encode(key, state, nodes.volume_to_image(volume_node, modality), axis)
 
     # ------------------------------------------------------------------------------------- blocking runs
     def segment(
@@ -231,17 +262,29 @@ class KPrismLogic:
           segment, that segment is refined.
         Prompts given with the other modes refine their (single) result. The result goes into
         `segment_id` if given, else a new segment (`name`, default: the class or reference name).
+        `prepare_segment` → `PreparedRun.compute` → `finish_segment` is the same in three steps
+        (GUI thread, worker thread, GUI thread).
         """
+        report = _Reporter(progress, cancel)
+        prepared = self.prepare_segment(volume_node, segmentation_node, mode, classes, references, prompts,
+                                        segment_id=segment_id, name=name, modality=modality, axis=axis)
+        outcome = prepared.compute(report)
+        return self.finish_segment(prepared, outcome, report)
+
+    def prepare_segment(
+        self, volume_node: Any, segmentation_node: Any, mode: str, classes: Optional[Sequence[str]] = None,
+        references: Optional[Sequence[tuple[Any, Any, str]]] = None, prompts: Optional[Sequence[Any]] = None, *,
+        segment_id: Optional[str] = None, name: Optional[str] = None, modality: Optional[str] = None, axis: int = 0,
+    ) -> "PreparedRun":
+        """GUI thread: read and check every input of a blocking run (see `segment`); raises InputError."""
         try:
-            from kprism.pipeline import run
-            from kprism.session import Cancelled
+            import kprism.pipeline  # noqa: F401 (a missing install is reported before anything is read)
         except ImportError as error:
             raise _not_installed(error) from error
 
         mode = _MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
         if mode not in MODES:
             raise InputError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-        report = _Reporter(progress, cancel)
         nodes.check_volume(volume_node)
         if segmentation_node is None:
             raise InputError("No output segmentation: select or create one.")
@@ -251,34 +294,29 @@ class KPrismLogic:
             segment_id = next((p.segment_id for p in prompts if p.kind == "prior" and p.node is segmentation_node), None)
         request, ref_data = self._request(mode, volume_node, segmentation_node, classes, references, prompts, segment_id,
                                           name, axis)
-
-        report(0.0, "Loading the model")
-        session = self.session
-        request.check_classes(session.catalog)  # unknown names fail here, listing the known ones
         targets = self._targets(segmentation_node, mode, request.classes, ref_data, segment_id, name)
         for target_id, _, _ in targets:
             nodes.check_editable(segmentation_node, target_id)
-
-        report(0.02, "Reading the volume")
-        encoded = self.encoded_image(volume_node, modality, axis)
-        session.attach(encoded, request.axis)  # the run's image: this volume's shared encoded slices
+        key, state = self.volume_state(volume_node, modality)
+        image = None if self.cached_encoded(key, state) is not None else nodes.volume_to_image(volume_node, modality)
         provenance: dict[str, Any] = {"tool": "KPrismSlicer", "model": self.model_name(), "mode": mode,
-                                      "volume": volume_node.GetName(), "modality": encoded.modality_choice.modality}
-        report(0.04, f"Modality: {encoded.modality_choice}")
-        try:
-            outcome = run(request, session, progress=report.stage(0.05, 0.95, "Segmenting"), cancel=report.cancelled)
-        except Cancelled:
-            raise SegmentationCancelled("Segmentation cancelled; the segmentation was left unchanged.") from None
-        provenance.update(outcome.provenance)
+                                      "volume": volume_node.GetName()}
+        return PreparedRun(self, mode, volume_node, segmentation_node, request, targets, (key, state, image), axis,
+                           provenance)
+
+    def finish_segment(self, prepared: "PreparedRun", outcome: Any, report: Optional[Any] = None) -> dict[str, str]:
+        """GUI thread: write a computed run's segments (all or, on any error, none); returns {name: segment ID}."""
+        report = report or _Reporter(None, None)
+        report(0.97, "Writing the segmentation")
+        provenance = {**prepared.provenance, "modality": prepared.modality, **outcome.provenance}
         if "init_mask" in provenance:  # Slicer's word for refining a segment
             provenance["refined"] = provenance.pop("init_mask")
-
-        report(0.97, "Writing the segmentation")
-        report.check()
         masks = [mask for _, mask in outcome.masks()]
-        written = self._write(segmentation_node, volume_node, targets, masks, outcome.qualities, provenance)
+        targets = [(target_id, name, color if color is not None else prepared.catalog_colors.get(name))
+                   for target_id, name, color in prepared.targets]
+        written = self._write(prepared.segmentation_node, prepared.volume_node, targets, masks, outcome.qualities, provenance)
         single = outcome.target is not None and len(written) == 1
-        self._last_run = ((volume_node.GetID(), segmentation_node.GetID(), next(iter(written.values()))),
+        self._last_run = ((prepared.volume_node.GetID(), prepared.segmentation_node.GetID(), next(iter(written.values()))),
                           outcome.target) if single else None
         report(1.0, "Done")
         return written
@@ -325,13 +363,14 @@ class KPrismLogic:
     def _targets(self, segmentation_node, mode, classes, ref_data, segment_id, name) -> list[tuple[Optional[str], str, Any]]:
         """(existing segment ID or None, name, colour) per result, before any work."""
         if mode == "semantic":
+            # Slicer's anatomy colour where the class is known, else the model catalog's (filled in by compute).
             if segment_id is not None and len(classes) == 1:
-                return [(segment_id, name or classes[0], self.session.catalog.entry(classes[0]).color)]
-            return [(nodes.segment_id_by_name(segmentation_node, c), c, self.session.catalog.entry(c).color) for c in classes]
+                return [(segment_id, name or classes[0], class_color(classes[0], segmentation_node))]
+            return [(nodes.segment_id_by_name(segmentation_node, c), c, class_color(c, segmentation_node)) for c in classes]
         if mode == "incontext":
             default_name, color = ref_data[0][2]["segment"], ref_data[0][2]["color"]
         else:
-            default_name, color = DEFAULT_NAME, None
+            default_name, color = next_segment_name(segmentation_node), new_segment_color(segmentation_node)
         if _has_segment(segmentation_node, segment_id):
             return [(segment_id, nodes.segment_name(segmentation_node, segment_id), None)]
         return [(None, name or default_name, color)]
@@ -368,10 +407,116 @@ class KPrismLogic:
     # ------------------------------------------------------------------------------------- interactive
     def interactive(
         self, volume_node: Any, segmentation_node: Any, segment_id: Optional[str] = None, name: str = DEFAULT_NAME,
-        modality: Optional[str] = None, axis: int = 0,
+        modality: Optional[str] = None, axis: int = 0, start: bool = True,
     ) -> "InteractiveSession":
-        """A click-by-click session writing into `segment_id` (refined if non-empty) or a new segment."""
-        return InteractiveSession(self, volume_node, segmentation_node, segment_id, name, modality, axis)
+        """A click-by-click session writing into `segment_id` (refined if non-empty) or a new segment.
+
+        `start=False` defers encoding the volume and loading the model to the first prompt's compute
+        (the worker thread), so creating the session never blocks the GUI.
+        """
+        return InteractiveSession(self, volume_node, segmentation_node, segment_id, name, modality, axis, start)
+
+
+@dataclass
+class PreparedRun:
+    """A blocking run read and checked on the GUI thread (`KPrismLogic.prepare_segment`).
+
+    `compute(control)` runs the model (worker thread, no MRML); `logic.finish_segment(prepared,
+    outcome)` writes the result on the GUI thread.
+    """
+
+    logic: "KPrismLogic"
+    mode: str
+    volume_node: Any
+    segmentation_node: Any
+    request: Any  # kprism.pipeline.SegmentationRequest
+    targets: list  # (existing segment ID or None, name, colour or None: the model's catalog colour)
+    volume: tuple  # (key, state, ImageData or None when already encoded)
+    axis: int
+    provenance: dict
+    modality: Optional[str] = None
+    catalog_colors: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return {"semantic": "Semantic segmentation", "incontext": "In-context segmentation"}.get(self.mode, "Segmentation")
+
+    def compute(self, control: Any = None) -> Any:
+        """Load the model, encode the volume if needed and run the request; raises SegmentationCancelled on Cancel."""
+        from kprism.pipeline import run
+        from kprism.session import Cancelled
+
+        report = control if isinstance(control, _Reporter) else _Reporter(
+            None if control is None else control.progress, None if control is None else control.cancelled)
+        try:
+            report(0.0, "Loading the model")
+        except JobCancelled:
+            raise SegmentationCancelled() from None
+        session = self.logic.session
+        self.request.check_classes(session.catalog)  # unknown names fail here, listing the known ones
+        self.catalog_colors = {name: session.catalog.entry(name).color for _, name, color in self.targets
+                               if color is None and name in session.catalog}
+        report(0.02, "Reading the volume")
+        key, state, image = self.volume
+        encoded = self.logic.encode(key, state, image, self.axis) if image is not None else self.logic.cached_encoded(key, state)
+        if encoded is None:  # dropped from the cache meanwhile
+            raise InputError("The volume changed while the run was queued; run it again.")
+        session.attach(encoded, self.request.axis)  # the run's image: this volume's shared encoded slices
+        self.modality = encoded.modality_choice.modality
+        report(0.04, f"Modality: {encoded.modality_choice}")
+        try:
+            outcome = run(self.request, session, progress=report.stage(0.05, 0.95, "Segmenting"), cancel=report.cancelled)
+            report.check()
+        except (Cancelled, JobCancelled):  # one message whoever noticed the Cancel
+            raise SegmentationCancelled() from None
+        return outcome
+
+
+@dataclass
+class _StartPlan:
+    """What a (re)start of a session read on the GUI thread: the volume (only when not encoded yet) and the segment."""
+
+    key: tuple
+    state: tuple
+    image: Any  # kprism ImageData to encode, or None when the logic holds it encoded (`encoded`) or the session does
+    encoded: Optional["EncodedImage"]
+    current: np.ndarray  # the segment as it is now, (k, j, i)
+    segment: Optional[str]  # its name (what a refinement is recorded as)
+    adopted: Optional["Target"]  # the last blocking run's structure, if it wrote this segment
+    adopted_tag: Optional[str]  # that run's provenance tag
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt (or undo, redo, propagation) read and checked on the GUI thread, ready for `compute`.
+
+    `compute(control)` runs on the worker thread and touches only the session's target and the
+    model; pass its result to `session.finish(prepared, delta)` on the GUI thread.
+    """
+
+    session: "InteractiveSession"
+    kind: str  # "prompt", "prior", "propagate", "undo" or "redo"
+    label: str  # what the panel shows while it waits or runs
+    start: Optional[_StartPlan] = None
+    steps: list = field(default_factory=list)  # kprism prompt steps, with their records
+    records: list = field(default_factory=list)
+    prior: Optional[np.ndarray] = None
+    options: dict = field(default_factory=dict)  # propagation settings
+
+    def compute(self, control: Optional[JobControl] = None) -> "SessionDelta":
+        return self.session._compute(self, control or JobControl())
+
+
+@dataclass
+class SessionDelta:
+    """What one prepared step did to the session's target (from `PreparedPrompt.compute`)."""
+
+    changes: list  # kprism Deltas (or _WholeVolume), in the order they were made
+    committed: list  # (record, target steps) added to the history by this step
+    prompts: list  # the session's prompt records afterwards (what the provenance tag lists)
+    origin: dict  # {"continues": tag} or {"refined": segment name} or {}: where the structure started
+    quality: float
+    version: int  # the session's compute counter after this step
 
 
 class InteractiveSession:
@@ -383,10 +528,17 @@ class InteractiveSession:
     change travels through the neighbouring slices; only the box of the volume that changed is
     rewritten. The segment is checked for a lock before every write, and a refused prompt changes
     neither the segment nor the session.
+
+    Every step comes in three parts so that the model never runs on Slicer's GUI thread:
+    ``prepare*`` (GUI thread: reads MRML, checks, raises InputError), ``PreparedPrompt.compute``
+    (worker thread: target and model only, cancellable) and ``finish`` (GUI thread: writes the
+    changed box and the provenance). ``add``, ``undo``, ``redo`` and ``propagate`` do all three at once.
+    Steps prepared while earlier ones still compute are fine: computes and finishes each run in order.
+    With ``start=False`` the volume is encoded and the model loaded by the first step's compute.
     """
 
     def __init__(self, logic: KPrismLogic, volume_node: Any, segmentation_node: Any, segment_id: Optional[str] = None,
-                 name: str = DEFAULT_NAME, modality: Optional[str] = None, axis: int = 0):
+                 name: str = DEFAULT_NAME, modality: Optional[str] = None, axis: int = 0, start: bool = True):
         nodes.check_volume(volume_node)
         if segmentation_node is None:
             raise InputError("No output segmentation: select or create one.")
@@ -396,47 +548,269 @@ class InteractiveSession:
         self.logic, self.volume_node, self.segmentation_node = logic, volume_node, segmentation_node
         self.segment_id, self.name, self.modality = segment_id, name, modality
         self.axis = nodes.volume_slicing_axis(volume_node, axis)  # prompts without a view axis slice along it
+        # GUI side: what was written.
         self.prompts: list[dict] = []  # what was done, as recorded in the segment's provenance tag
-        self._taken: list[int] = []  # target steps per prompt (a cross-axes propagation takes two)
-        self._undone: list[tuple[dict, int]] = []
+        # What this session last wrote (or found) in its segment, (k, j, i): read when the structure starts.
+        self._mask = np.zeros(tuple(reversed(volume_node.GetImageData().GetDimensions())), np.uint8)
+        self._voxels = 0
         self._provenance: dict[str, Any] = {"tool": "KPrismSlicer", "model": logic.model_name(), "mode": "interactive",
                                             "volume": volume_node.GetName()}
-        self._start()
+        self._state: Optional[tuple] = None  # (key, state) of the volume the session's structure was planned on
+        self._fresh = False  # reset(): the next step starts an empty structure
+        self._rewrite_whole = False  # a failed write left the segment behind the structure
+        # Worker side: the structure and its history (touched only by computes, under `_model_lock`).
+        self.encoded: Optional["EncodedImage"] = None
+        self.target: Optional["Target"] = None
+        self._history: list[tuple[dict, int]] = []  # (record, target steps) per prompt (a cross-axes propagation takes two)
+        self._undone: list[tuple[dict, int]] = []
+        self._origin: dict[str, Any] = {}
+        self._version = 0
+        self._model_lock = threading.RLock()
+        if start:
+            self._run(PreparedPrompt(self, "start", "Start", start=self._plan_start()))
 
-    def _start(self) -> None:
-        """Continue the last blocking run's structure written into this segment, or start from the segment."""
-        from kprism.target import Target
+    # ------------------------------------------------------------------------------------- GUI thread: prepare
+    def prepare(self, prompt: Any) -> PreparedPrompt:
+        """Read and check one prompt (a markups node with several points is several clicks); raises InputError."""
+        prompt = Prompt.of(prompt)
+        _check_prompt(prompt, self.volume_node)
+        nodes.check_editable(self.segmentation_node, self.segment_id)
+        start = self._plan_if_needed()
+        if prompt.kind == "prior":
+            mask = nodes.segment_mask(prompt.node, prompt.segment_id, self.volume_node)
+            record = {"type": "prior", "segment": nodes.segment_name(prompt.node, prompt.segment_id)}
+            return PreparedPrompt(self, "prior", "Refine", start, records=[record], prior=mask)
+        steps, records, _ = _steps([prompt], self.volume_node)  # view axes are mapped by compute (needs the encoded volume)
+        label = {"point": "Click", "box": "Box", "scribble": "Scribble"}[prompt.kind]
+        return PreparedPrompt(self, "prompt", label, start, steps=steps, records=records)
 
-        self.encoded = self.logic.encoded_image(self.volume_node, self.modality, self.axis)
-        self._provenance.pop("refined", None)
-        self._provenance.pop("continues", None)
+    def prepare_undo(self) -> PreparedPrompt:
+        nodes.check_editable(self.segmentation_node, self.segment_id)
+        return PreparedPrompt(self, "undo", "Undo", self._plan_if_needed())
+
+    def prepare_redo(self) -> PreparedPrompt:
+        nodes.check_editable(self.segmentation_node, self.segment_id)
+        return PreparedPrompt(self, "redo", "Redo", self._plan_if_needed())
+
+    def prepare_propagate(self, start_ras: Optional[Sequence[float]] = None, axis: Optional[int] = None, *,
+                          cross_axes: bool = False, min_quality: float = 0.15, min_area_ratio: float = 0.2,
+                          stop_when_unchanged: Optional[float] = 0.97) -> PreparedPrompt:
+        """See `propagate`; the slice through `start_ras` is found by compute."""
+        nodes.check_editable(self.segmentation_node, self.segment_id)
+        start_ijk = None if start_ras is None else nodes.world_to_ijk(self.volume_node, start_ras).tolist()
+        options = {"start_ijk": start_ijk, "axis": axis, "cross_axes": cross_axes, "min_quality": min_quality,
+                   "min_area_ratio": min_area_ratio, "stop_when_unchanged": stop_when_unchanged}
+        return PreparedPrompt(self, "propagate", "Propagate", self._plan_if_needed(), options=options)
+
+    def _plan_if_needed(self) -> Optional[_StartPlan]:
+        """A (re)start when the session has none yet, the volume changed (its old history is gone) or after reset()."""
+        key, state = self.logic.volume_state(self.volume_node, self.modality)
+        if self._state == (key, state) and not self._fresh:
+            return None
+        return self._plan_start()
+
+    def _plan_start(self) -> _StartPlan:
+        key, state = self.logic.volume_state(self.volume_node, self.modality)
+        encoded = self.logic.cached_encoded(key, state)
+        same_volume = self._state == (key, state)
+        image = None if encoded is not None or same_volume else nodes.volume_to_image(self.volume_node, self.modality)
         current = self._segment_mask()
-        adopted = self.logic.take_last_run(self.volume_node, self.segmentation_node, self.segment_id)
-        if adopted is not None and adopted.encoded is self.encoded and np.array_equal(adopted.result().mask, current):
-            # The class or reference knowledge of that run stays in the prompts.
-            previous = nodes.segment_tag(self.segmentation_node.GetSegmentation().GetSegment(self.segment_id), nodes.PROVENANCE_TAG)
-            self._provenance["continues"] = json.loads(previous) if previous else None
-            self.target = adopted
-        else:
-            self.target = Target(self.encoded, axis=self.axis, name=self.name)
-            if current.any():
-                self.target.set_prior(current)
-                self._provenance["refined"] = nodes.segment_name(self.segmentation_node, self.segment_id)
-        self._mask = current  # what this session last wrote (or found) in its segment, (k, j, i)
-        self._voxels = int(np.count_nonzero(current))
+        fresh, self._fresh = self._fresh, False
+        adopted = None if fresh else self.logic.take_last_run(self.volume_node, self.segmentation_node, self.segment_id)
+        tag = None
+        if adopted is not None:
+            tag = nodes.segment_tag(self.segmentation_node.GetSegmentation().GetSegment(self.segment_id), nodes.PROVENANCE_TAG)
+        segment = nodes.segment_name(self.segmentation_node, self.segment_id) if current.any() else None
+        self._state = (key, state)
+        self._mask, self._voxels = current, int(np.count_nonzero(current))
+        return _StartPlan(key, state, image, encoded, current, segment, adopted, tag)
 
     def _segment_mask(self) -> np.ndarray:
         if _has_segment(self.segmentation_node, self.segment_id):
             return nodes.segment_mask(self.segmentation_node, self.segment_id, self.volume_node)
         return np.zeros(tuple(reversed(self.volume_node.GetImageData().GetDimensions())), np.uint8)
 
-    def _ensure_current(self) -> None:
-        """If the volume changed since the session started, start again from the segment (the old history is gone)."""
-        if self.logic.encoded_image(self.volume_node, self.modality, self.axis) is not self.encoded:
-            self._forget_history()
-            self._start()
+    # ------------------------------------------------------------------------------------- worker thread: compute
+    def _compute(self, prepared: PreparedPrompt, control: JobControl) -> SessionDelta:
+        """Apply a prepared step to the target (never MRML); a failed or cancelled step leaves the target as it was."""
+        with self._model_lock:
+            control.check()
+            if prepared.start is not None:
+                try:
+                    self._start_structure(prepared.start)
+                except BaseException:
+                    self._state = None  # the next step tries the start again
+                    raise
+            committed, changes = self._apply(prepared, control)
+            self._version += 1
+            return SessionDelta(changes, committed, [record for record, _ in self._history], dict(self._origin),
+                                self.target.quality, self._version)
 
-    # ------------------------------------------------------------------------------------- prompts
+    def _start_structure(self, plan: _StartPlan) -> None:
+        """Encode the volume (and load the model) if needed; continue the last run's structure or start from the segment."""
+        from kprism.target import Target
+
+        if plan.encoded is not None or plan.image is not None:
+            self.encoded = plan.encoded or self.logic.encode(plan.key, plan.state, plan.image, self.axis)
+        if plan.adopted is not None and plan.adopted.encoded is self.encoded and np.array_equal(plan.adopted.result().mask, plan.current):
+            # The class or reference knowledge of that run stays in the prompts.
+            self.target = plan.adopted
+            self._origin = {"continues": json.loads(plan.adopted_tag) if plan.adopted_tag else None}
+        else:
+            self.target = Target(self.encoded, axis=self.axis, name=self.name)
+            self._origin = {}
+            if plan.segment is not None:
+                self.target.set_prior(plan.current)
+                self._origin = {"refined": plan.segment}
+        self._history.clear()
+        self._undone.clear()
+
+    def _apply(self, prepared: PreparedPrompt, control: JobControl) -> tuple[list, list]:
+        from kprism.pipeline import apply_step, check_steps
+
+        target, kind = self.target, prepared.kind
+        if kind == "start":
+            return [], []
+        if kind in ("undo", "redo"):
+            source, destination = (self._history, self._undone) if kind == "undo" else (self._undone, self._history)
+            if not source:
+                return [], []
+            record, taken = source.pop()
+            destination.append((record, taken))
+            step = target.undo if kind == "undo" else target.redo
+            return [], [delta for delta in (step() for _ in range(taken)) if delta is not None]
+        if kind == "prior":
+            actions = [(prepared.records[0], lambda: target.set_prior(prepared.prior))]
+        elif kind == "propagate":
+            actions = [self._propagation(prepared.options, control)]
+        else:
+            steps, records = self._on_usable_axes(prepared.steps, prepared.records)
+            check_steps(steps, self.encoded, self.axis)
+            actions = [(record, lambda step=step: apply_step(target, step)) for step, record in zip(steps, records)]
+        committed, changes = [], []
+        try:
+            for record, action in actions:
+                control.check()
+                before = target.steps
+                changes.append(action())  # a failing step leaves the target as it was
+                committed.append((record, target.steps - before))
+                self._history.append(committed[-1])
+        except BaseException:
+            self._take_back(committed)
+            raise
+        self._undone.clear()
+        return committed, changes
+
+    def _take_back(self, committed: list) -> None:
+        for _, taken in reversed(committed):
+            self._history.pop()
+            for _ in range(taken):
+                self.target.undo()
+
+    def _on_usable_axes(self, steps: list, records: list) -> tuple[list, list]:
+        """Each click answered along its view's axis when the volume can be sliced along it (else the session's)."""
+        from dataclasses import replace
+
+        mapped_steps, mapped_records = [], []
+        for step, record in zip(steps, records):
+            if getattr(step, "axis", None) is not None:
+                axis = self._usable_axis(step.axis)
+                step, record = replace(step, axis=axis), {**record, "axis": axis}
+            mapped_steps.append(step)
+            mapped_records.append(record)
+        return mapped_steps, mapped_records
+
+    def _propagation(self, options: dict, control: JobControl) -> tuple[dict, Callable[[], Any]]:
+        """(record, action) of a propagation, reporting progress per slice and stopping on Cancel."""
+        from kprism.target import TravelRules
+
+        target = self.target
+        last = target.last_slice
+        axis = self._usable_axis(options["axis"] if options["axis"] is not None else (last[0] if last else None))
+        if options["start_ijk"] is not None:
+            start = self.encoded.locate(options["start_ijk"], "ijk", axis).index
+        else:
+            start = last[1] if last and last[0] == axis else None
+        cross_axes = options["cross_axes"]
+        record = {"type": "propagate", "from_slice": start, "axis": axis, "cross_axes": cross_axes,
+                  **{k: options[k] for k in ("min_quality", "min_area_ratio", "stop_when_unchanged")}}
+        share = 0.34 if cross_axes else 1.0  # the two other axes take about as long again each
+
+        def progress(done: int, total: int) -> None:
+            control.progress(share * done / max(total, 1), f"Propagating ({done}/{total} slices)")
+
+        if not cross_axes:
+            rules = TravelRules(min_quality=options["min_quality"], min_area_ratio=options["min_area_ratio"],
+                                agreement=options["stop_when_unchanged"])
+            return record, lambda: target.propagate(start, axis, rules=rules, progress=progress)
+        from kprism.session import KPrismSession
+
+        def fuse() -> _WholeVolume:
+            # KPrismSession takes a device name ("cpu", "cuda"), not the torch.device the encoded volume holds.
+            helper = KPrismSession(self.encoded.model, device=self.encoded.device.type, threads=self.encoded.threads)
+            helper.attach(self.encoded, axis)
+            helper.target = target
+            before = target.steps
+            try:
+                fused = helper.propagate(start, min_quality=options["min_quality"], min_area_ratio=options["min_area_ratio"],
+                                         stop_when_unchanged=options["stop_when_unchanged"], cross_axes=True, progress=progress)
+                control.check()
+            except BaseException:
+                while target.steps > before:  # the first pass was already kept: take it back too
+                    target.undo()
+                raise
+            return _WholeVolume(tuple(slice(0, n) for n in fused.probability.shape), fused.probability, axis, ())
+
+        return record, fuse
+
+    def _usable_axis(self, axis: Optional[int]) -> int:
+        """The view's axis when the volume can be sliced along it, else the session's (a picture has one slice)."""
+        if axis is None or axis == self.axis:
+            return self.axis
+        try:
+            self.encoded.check_axis(axis)
+        except ValueError:  # slices too thin along that axis (a single-slice picture, a few thick slices)
+            return self.axis
+        return axis
+
+    # ------------------------------------------------------------------------------------- GUI thread: finish
+    def finish(self, prepared: PreparedPrompt, delta: SessionDelta) -> Optional[PromptResult]:
+        """Write what a computed step changed (only its box) and the provenance; None when nothing was undone/redone.
+
+        A write that fails takes the step back from the target when no later step was computed on
+        top of it; otherwise the next write brings the whole segment in line with the target.
+        """
+        self.prompts = list(delta.prompts)
+        for key in ("refined", "continues"):
+            self._provenance.pop(key, None)
+        self._provenance.update(delta.origin)
+        if prepared.kind in ("undo", "redo", "start") and not delta.changes:
+            return None
+        result = None
+        try:
+            nodes.check_editable(self.segmentation_node, self.segment_id)  # it may have been locked meanwhile
+            for change in delta.changes or [None]:
+                result = self._write(change, delta.quality)
+        except BaseException:
+            self._after_failed_write(delta)
+            raise
+        return result
+
+    def _after_failed_write(self, delta: SessionDelta) -> None:
+        if delta.committed and self._model_lock.acquire(blocking=False):
+            try:
+                if self._version == delta.version:  # nothing was computed after it: take it back exactly
+                    self._take_back(delta.committed)
+                    self.prompts = [record for record, _ in self._history]
+                    return
+            finally:
+                self._model_lock.release()
+        self._rewrite_whole = bool(delta.changes)
+
+    # ------------------------------------------------------------------------------------- all three at once
+    def _run(self, prepared: PreparedPrompt) -> Optional[PromptResult]:
+        return self.finish(prepared, prepared.compute())
+
     def add_click(self, ras: Sequence[float], positive: bool = True, axis: Optional[int] = None) -> PromptResult:
         """A click at a world RAS point; `axis`: the canonical axis of the view it was placed in (see `nodes.view_axis`)."""
         return self.add(Prompt.point(ras, positive, axis))
@@ -444,11 +818,17 @@ class InteractiveSession:
     def add_fiducial(self, markups_node: Any, index: int = -1, positive: Optional[bool] = None,
                      axis: Optional[int] = None) -> PromptResult:
         """Control point `index` (default: the last one) of a markups node as a click, along the view's `axis`."""
+        return self.add(self.fiducial_prompt(markups_node, index, positive, axis))
+
+    @staticmethod
+    def fiducial_prompt(markups_node: Any, index: int = -1, positive: Optional[bool] = None,
+                        axis: Optional[int] = None) -> Prompt:
+        """Control point `index` of a markups node as a click prompt (read now, on the GUI thread)."""
         points = nodes.control_points(markups_node)
         if not points:
             raise InputError(f"{markups_node.GetName()!r} has no placed control point.")
         ras, _ = points[index]
-        return self.add(Prompt.point(ras, nodes.is_positive(markups_node) if positive is None else positive, axis))
+        return Prompt.point(ras, nodes.is_positive(markups_node) if positive is None else positive, axis)
 
     def add_box(self, roi_node: Any) -> PromptResult:
         return self.add(Prompt.box(roi_node))
@@ -465,22 +845,7 @@ class InteractiveSession:
 
     def add(self, prompt: Any) -> PromptResult:
         """Apply one prompt and write what it changed; a markups node with several points is several clicks."""
-        from kprism.pipeline import apply_step, check_steps
-
-        prompt = Prompt.of(prompt)
-        _check_prompt(prompt, self.volume_node)
-        nodes.check_editable(self.segmentation_node, self.segment_id)
-        self._ensure_current()
-        if prompt.kind == "prior":
-            mask = nodes.segment_mask(prompt.node, prompt.segment_id, self.volume_node)
-            record = {"type": "prior", "segment": nodes.segment_name(prompt.node, prompt.segment_id)}
-            return self._commit(record, lambda: self.target.set_prior(mask))
-        steps, records, _ = _steps([prompt], self.volume_node, self._usable_axis)
-        check_steps(steps, self.encoded, self.axis)
-        result = None
-        for step, record in zip(steps, records):
-            result = self._commit(record, lambda step=step: apply_step(self.target, step))
-        return result  # type: ignore[return-value]
+        return self._run(self.prepare(prompt))  # type: ignore[return-value]
 
     def propagate(self, start_ras: Optional[Sequence[float]] = None, axis: Optional[int] = None, *,
                   cross_axes: bool = False, min_quality: float = 0.15, min_area_ratio: float = 0.2,
@@ -492,135 +857,68 @@ class InteractiveSession:
         or when a slice comes out as it was (Dice ≥ `stop_when_unchanged`; None: never).
         `cross_axes=True` propagates again along the two other axes and averages the three.
         """
-        from kprism.target import TravelRules
-
-        nodes.check_editable(self.segmentation_node, self.segment_id)
-        self._ensure_current()
-        last = self.target.last_slice
-        axis = self._usable_axis(axis if axis is not None else (last[0] if last else None))
-        if start_ras is not None:
-            start = self.encoded.locate(nodes.world_to_ijk(self.volume_node, start_ras).tolist(), "ijk", axis).index
-        else:
-            start = last[1] if last and last[0] == axis else None
-        record = {"type": "propagate", "from_slice": start, "axis": axis, "cross_axes": cross_axes,
-                  "min_quality": min_quality, "min_area_ratio": min_area_ratio, "stop_when_unchanged": stop_when_unchanged}
-        if not cross_axes:
-            rules = TravelRules(min_quality=min_quality, min_area_ratio=min_area_ratio, agreement=stop_when_unchanged)
-            return self._commit(record, lambda: self.target.propagate(start, axis, rules=rules))
-        from kprism.session import KPrismSession
-
-        def fuse() -> _WholeVolume:
-            helper = KPrismSession(self.encoded.model, device=self.encoded.device, threads=self.encoded.threads)
-            helper.attach(self.encoded, axis)
-            helper.target = self.target
-            fused = helper.propagate(start, min_quality=min_quality, min_area_ratio=min_area_ratio,
-                                     stop_when_unchanged=stop_when_unchanged, cross_axes=True)
-            return _WholeVolume(tuple(slice(0, n) for n in fused.probability.shape), fused.probability, axis, ())
-
-        return self._commit(record, fuse)
+        return self._run(self.prepare_propagate(start_ras, axis, cross_axes=cross_axes, min_quality=min_quality,
+                                                min_area_ratio=min_area_ratio, stop_when_unchanged=stop_when_unchanged))  # type: ignore[return-value]
 
     def undo(self) -> Optional[PromptResult]:
         """Take back the last prompt; returns what that changed (None when nothing is left to undo)."""
-        if not self.prompts:
-            return None
-        nodes.check_editable(self.segmentation_node, self.segment_id)
-        record, taken = self.prompts.pop(), self._taken.pop()
-        self._undone.append((record, taken))
-        return self._replay(self.target.undo, taken)
+        return self._run(self.prepare_undo())
 
     def redo(self) -> Optional[PromptResult]:
         """Put back the last prompt taken back (None when there is none)."""
-        if not self._undone:
-            return None
-        nodes.check_editable(self.segmentation_node, self.segment_id)
-        record, taken = self._undone.pop()
-        self.prompts.append(record)
-        self._taken.append(taken)
-        return self._replay(self.target.redo, taken)
-
-    def _replay(self, step: Callable[[], Optional["Delta"]], times: int) -> Optional[PromptResult]:
-        result = None
-        for _ in range(times):
-            delta = step()
-            if delta is not None:
-                result = self._write(delta)
-        return result
+        return self._run(self.prepare_redo())
 
     def reset(self) -> None:
         """Forget every prompt; the next one starts a new segment."""
-        from kprism.target import Target
-
-        self.target = Target(self.encoded, axis=self.axis, name=self.name)
-        self._forget_history()
         self.segment_id = None
+        self.prompts = []
         self._mask = np.zeros_like(self._mask)
         self._voxels = 0
-        self._provenance.pop("refined", None)
-        self._provenance.pop("continues", None)
+        self._fresh = True
+        for key in ("refined", "continues"):
+            self._provenance.pop(key, None)
 
     # ------------------------------------------------------------------------------------- writing
-    def _usable_axis(self, axis: Optional[int]) -> int:
-        """The view's axis when the volume can be sliced along it, else the session's (a picture has one slice)."""
-        if axis is None or axis == self.axis:
-            return self.axis
-        try:
-            self.encoded.check_axis(axis)
-        except ValueError:  # slices too thin along that axis (a single-slice picture, a few thick slices)
-            return self.axis
-        return axis
-
-    def _forget_history(self) -> None:
-        self.prompts.clear()
-        self._taken.clear()
-        self._undone.clear()
-
-    def _commit(self, record: dict, action: Callable[[], "Delta"]) -> PromptResult:
-        """Apply one prompt to the target, record it and write what it changed; a failed write takes it back."""
-        before = self.target.steps
-        delta = action()  # a failing prompt leaves the target as it was
-        taken = self.target.steps - before
-        self.prompts.append(record)
-        self._taken.append(taken)
-        try:
-            result = self._write(delta)
-        except BaseException:
-            self.prompts.pop()
-            self._taken.pop()
-            for _ in range(taken):
-                self.target.undo()
-            raise
-        self._undone.clear()
-        return result
-
-    def _write(self, delta: "Delta") -> PromptResult:
+    def _write(self, delta: Any, quality: float) -> PromptResult:
         """Rewrite only the box where the segment's voxels changed (and the provenance tag)."""
-        if self.segment_id is not None and not _has_segment(self.segmentation_node, self.segment_id):
-            # The segment was deleted meanwhile: it comes back whole.
-            whole = self.target.result()
+        if delta is None:  # a step that changed nothing on the target
+            empty = tuple(slice(0, 0) for _ in self._mask.shape)
+            delta = _WholeVolume(empty, np.zeros((0,) * self._mask.ndim, np.float32), self.axis, ())
+        if self._rewrite_whole or (self.segment_id is not None and not _has_segment(self.segmentation_node, self.segment_id)):
+            # The segment was deleted meanwhile (or a write failed): it comes back whole.
+            with self._model_lock:
+                whole = self.target.result()
             delta = _WholeVolume(tuple(slice(0, n) for n in self._mask.shape), whole.probability, delta.axis, delta.slices)
-            self._mask[...], self._voxels = 0, 0
+            if not _has_segment(self.segmentation_node, self.segment_id):
+                self._mask[...], self._voxels = 0, 0
+            self._rewrite_whole = False
         new = delta.probability >= 0.5
         old = self._mask[delta.region]
         changed = new != old
-        provenance = {**self._provenance, "prompts": list(self.prompts), "quality": _finite(self.target.quality)}
+        provenance = {**self._provenance, "prompts": list(self.prompts), "quality": _finite(quality)}
         tags = {nodes.PROVENANCE_TAG: provenance}
-        color = None if _has_segment(self.segmentation_node, self.segment_id) else NEW_SEGMENT_COLOR
+        creating = not _has_segment(self.segmentation_node, self.segment_id)
+        name, color = (self._new_segment_name(), new_segment_color(self.segmentation_node)) if creating else (self.name, None)
         region: tuple[slice, ...] = tuple(slice(0, 0) for _ in self._mask.shape)
         if changed.any():
             box = _bounding_box(changed)
             region = tuple(slice(outer.start + inner.start, outer.start + inner.stop)
                            for outer, inner in zip(delta.region, box))
             self.segment_id = nodes.write_segment_region(self.segmentation_node, self.volume_node, region, new[box],
-                                                         self.segment_id, self.name, color, tags)
-        elif color is not None:  # nothing inside yet (a first negative click): the segment still appears
+                                                         self.segment_id, name, color, tags)
+        elif creating:  # nothing inside yet (a first negative click): the segment still appears
             corner = tuple(slice(0, 1) for _ in self._mask.shape)
             self.segment_id = nodes.write_segment_region(self.segmentation_node, self.volume_node, corner,
-                                                         self._mask[corner], self.segment_id, self.name, color, tags)
+                                                         self._mask[corner], self.segment_id, name, color, tags)
         else:
             nodes.set_tags(self.segmentation_node, self.segment_id, tags)
         self._voxels += int(np.count_nonzero(new)) - int(np.count_nonzero(old))
         self._mask[delta.region] = new
-        return PromptResult(self.segment_id, self._voxels, self.target.quality, region, delta.axis, delta.slices)
+        return PromptResult(self.segment_id, self._voxels, quality, region, delta.axis, delta.slices)
+
+    def _new_segment_name(self) -> str:
+        """The session's name, or the next free "KPrism N" when it was left at the default."""
+        return self.name if self.name != DEFAULT_NAME else next_segment_name(self.segmentation_node)
 
 
 @dataclass(frozen=True)
@@ -639,7 +937,7 @@ class _WholeVolume:
 def _not_installed(error: ImportError) -> KPrismUnavailable:
     return KPrismUnavailable(
         f"KPrism is not installed in this Python ({error}). In Slicer, open the KPrism module and press "
-        "'Install dependencies'; elsewhere `pip install kprism`."
+        "'Install dependencies'; elsewhere `pip install ./KPrismCore` from a checkout."
     )
 
 
@@ -680,14 +978,21 @@ def _steps(prompts: Sequence[Prompt], volume_node: Any, axis_of: Callable[[Optio
                                 **({} if axis is None else {"axis": axis})})
         elif prompt.kind == "box":
             low, high = _box_indices(prompt, volume_node)
-            steps.append(BoxPrompt(low.tolist(), high.tolist(), "ijk", where="The box"))
+            axis = None if prompt.axis is None else axis_of(prompt.axis)
+            steps.append(BoxPrompt(low.tolist(), high.tolist(), "ijk", axis, where="The box"))
             records.append({"type": "box", "ras_min": np.round(nodes.volume_ras(volume_node, low), 3).tolist(),
-                            "ras_max": np.round(nodes.volume_ras(volume_node, high), 3).tolist()})
+                            "ras_max": np.round(nodes.volume_ras(volume_node, high), 3).tolist(),
+                            **({} if axis is None else {"axis": axis})})
         elif prompt.kind == "scribble":
-            name = nodes.segment_name(prompt.node, prompt.segment_id)
-            mask = nodes.segment_mask(prompt.node, prompt.segment_id, volume_node)
-            steps.append(ScribblePrompt(mask, bool(prompt.positive), where=f"The scribble {name!r}"))
-            records.append({"type": "scribble", "segment": name, "positive": bool(prompt.positive)})
+            axis = None if prompt.axis is None else axis_of(prompt.axis)
+            if prompt.mask is not None:  # a stroke painted in a view
+                name, mask = "stroke", prompt.mask
+            else:
+                name = nodes.segment_name(prompt.node, prompt.segment_id)
+                mask = nodes.segment_mask(prompt.node, prompt.segment_id, volume_node)
+            steps.append(ScribblePrompt(mask, bool(prompt.positive), axis, where=f"The scribble {name!r}"))
+            records.append({"type": "scribble", "segment": name, "positive": bool(prompt.positive),
+                            **({} if axis is None else {"axis": axis})})
         else:
             name = nodes.segment_name(prompt.node, prompt.segment_id)
             prior = (nodes.segment_mask(prompt.node, prompt.segment_id, volume_node), name)
@@ -711,7 +1016,7 @@ class _Reporter:
 
     def check(self) -> None:
         if self.cancelled():
-            raise SegmentationCancelled("Segmentation cancelled; the segmentation was left unchanged.")
+            raise SegmentationCancelled()
 
     def stage(self, start: float, end: float, message: str) -> Callable[[int, int], None]:
         return lambda done, total: self(start + (end - start) * done / max(total, 1), f"{message} ({done}/{total} slices)")
@@ -733,6 +1038,10 @@ def _check_prompt(prompt: Prompt, volume_node: Any) -> None:
                 )
     elif prompt.kind == "box":
         _box_indices(prompt, volume_node)
+    elif prompt.kind == "scribble" and prompt.mask is not None:
+        shape = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+        if prompt.mask.shape != shape or not prompt.mask.any():
+            raise InputError(f"The stroke is empty on the volume {volume_node.GetName()!r} (mask {prompt.mask.shape}, volume {shape}).")
     elif prompt.kind in ("scribble", "prior"):
         if prompt.node is None or prompt.node.GetSegmentation().GetSegment(prompt.segment_id or "") is None:
             raise InputError(f"The {prompt.kind} segment {prompt.segment_id!r} does not exist.")
