@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import nodes
+from .logic import check_point
 from .nodes import InputError
 
 THIN = 1.0 + 1e-6  # a marker at most one voxel thick across its view is a one-slice (2D) box
@@ -40,13 +41,7 @@ def voxel_spacing(volume_node: Any) -> np.ndarray:
 
 def check_click(volume_node: Any, ras: Sequence[float]) -> None:
     """Refuse a click off the volume, in one line, before anything is placed or queued."""
-    ijk = nodes.world_to_ijk(volume_node, ras)
-    if not nodes.index_inside(volume_node, ijk):
-        size = list(volume_node.GetImageData().GetDimensions())
-        raise InputError(
-            f"The click at RAS {np.round(np.asarray(ras, float), 1).tolist()} is outside the volume "
-            f"{volume_node.GetName()!r} (voxel {np.round(ijk, 1).tolist()}, size {size}): click on the volume."
-        )
+    check_point(volume_node, ras, "click")
 
 
 def box_corners(volume_node: Any, corners_ras: Sequence[Sequence[float]], axis: int) -> tuple[list[float], list[float]]:

@@ -1022,6 +1022,17 @@ class _Reporter:
         return lambda done, total: self(start + (end - start) * done / max(total, 1), f"{message} ({done}/{total} slices)")
 
 
+def check_point(volume_node: Any, ras: Sequence[float], label: str = "click") -> None:
+    """Refuse, in one line, a point off the volume (the panel's points and the effect's clicks alike)."""
+    ijk = nodes.world_to_ijk(volume_node, ras)
+    if not nodes.index_inside(volume_node, ijk):
+        size = list(volume_node.GetImageData().GetDimensions())
+        raise InputError(
+            f"The {label!r} at RAS {np.round(np.asarray(ras, float), 2).tolist()} is outside the volume "
+            f"{volume_node.GetName()!r} (voxel {np.round(ijk, 1).tolist()}, size {size}). Place it on the volume."
+        )
+
+
 def _check_prompt(prompt: Prompt, volume_node: Any) -> None:
     """Refuse a prompt before any work: points outside the volume, empty boxes or scribbles."""
     if prompt.kind == "point":
@@ -1029,13 +1040,7 @@ def _check_prompt(prompt: Prompt, volume_node: Any) -> None:
         if not points:
             raise InputError(f"{prompt.node.GetName()!r} has no placed control point.")
         for ras, label in points:
-            ijk = nodes.world_to_ijk(volume_node, ras)
-            if not nodes.index_inside(volume_node, ijk):
-                size = list(volume_node.GetImageData().GetDimensions())
-                raise InputError(
-                    f"The click {label!r} at RAS {np.round(ras, 2).tolist()} is outside the volume {volume_node.GetName()!r} "
-                    f"(voxel {np.round(ijk, 1).tolist()}, size {size}). Place it on the volume."
-                )
+            check_point(volume_node, ras, label)
     elif prompt.kind == "box":
         _box_indices(prompt, volume_node)
     elif prompt.kind == "scribble" and prompt.mask is not None:
