@@ -546,8 +546,11 @@ def test_M3_placement_axis_is_the_slice_view_under_the_mouse(scene, blob):
     assert nodes.placement_axis(scene, volume) is None
 
 
-def test_m1_region_writes_replace_only_their_box_and_leave_other_segments_alone(blob):
+def test_m1_region_writes_replace_only_their_box_and_leave_other_segments_alone(blob, monkeypatch):
     volume, segmentation, mask = blob
+    in_place = []  # which boxes took the direct write into the layer (the others go through Slicer's merge)
+    direct = nodes._write_in_place
+    monkeypatch.setattr(nodes, "_write_in_place", lambda *args: in_place.append(direct(*args)) or in_place[-1])
     rng = np.random.default_rng(11)
     ours = mask & (rng.random(mask.shape) > 0.2)
     theirs = np.zeros_like(mask)
@@ -556,7 +559,8 @@ def test_m1_region_writes_replace_only_their_box_and_leave_other_segments_alone(
     theirs_id = nodes.write_segment(segmentation, volume, theirs, name="theirs")
     assert segmentation.GetSegmentation().GetNumberOfLayers() == 1
     expected = ours.copy()
-    for box in [(slice(4, 8), slice(10, 30), slice(10, 40)),  # inside our extent: some voxels go, some come
+    for box in [(slice(4, 8), slice(14, 26), slice(16, 32)),  # inside our layer's extent: written in place
+                (slice(4, 8), slice(10, 30), slice(10, 40)),  # beyond our extent: some voxels go, some come
                 (slice(0, 12), slice(24, 36), slice(0, 22)),  # over the other segment, beyond our extent
                 (slice(6, 7), slice(0, 40), slice(0, 48))]:  # a whole slice, cleared
         new = rng.random(tuple(s.stop - s.start for s in box)) > 0.5
@@ -567,12 +571,43 @@ def test_m1_region_writes_replace_only_their_box_and_leave_other_segments_alone(
         assert np.array_equal(segment_array(segmentation, ours_id, volume), expected)
         assert np.array_equal(segment_array(segmentation, theirs_id, volume), theirs)  # never touched
     assert nodes.segment_tag(segmentation.GetSegmentation().GetSegment(ours_id), "step") == "6"
+    # Inside the layer's extent and clear of the other segment: written in place; beyond it, or over the
+    # other segment: Slicer's merge.
+    assert in_place == [True, False, False, False]
     created = nodes.write_segment_region(segmentation, volume, (slice(3, 5), slice(3, 6), slice(3, 9)),
                                          np.ones((2, 3, 6), bool), name="new")
     created_mask = segment_array(segmentation, created, volume)
     assert created_mask.sum() == 36 and created_mask[3:5, 3:6, 3:9].all()
     with pytest.raises(ValueError, match="not a box of the volume"):
         nodes.write_segment_region(segmentation, volume, (slice(3, 3), slice(0, 4), slice(0, 4)), np.ones((0, 4, 4)), ours_id)
+
+
+def test_m1_a_direct_write_never_covers_another_segment_of_its_shared_layer(blob, monkeypatch):
+    volume, segmentation, _ = blob
+    shell = np.zeros((12, 40, 48), bool)
+    shell[2:10, 10:30, 10:40] = True
+    shell[4:8, 15:25, 18:30] = False  # a hole inside our extent ...
+    core = np.zeros_like(shell)
+    core[5:7, 18:22, 22:26] = True  # ... holding the other segment: one shared layer, nested extents
+    ours_id = nodes.write_segment(segmentation, volume, shell, name="ours")
+    core_id = nodes.write_segment(segmentation, volume, core, name="core")
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 1
+    in_place = []
+    direct = nodes._write_in_place
+    monkeypatch.setattr(nodes, "_write_in_place", lambda *args: in_place.append(direct(*args)) or in_place[-1])
+    box = (slice(4, 8), slice(15, 25), slice(18, 30))  # the hole, the other segment included
+    nodes.write_segment_region(segmentation, volume, box, np.ones((4, 10, 12), bool), ours_id)
+    expected = shell.copy()
+    expected[box] = True
+    assert in_place == [False]  # it would have overwritten the core
+    assert np.array_equal(segment_array(segmentation, ours_id, volume), expected)
+    assert np.array_equal(segment_array(segmentation, core_id, volume), core)
+    box = (slice(3, 5), slice(12, 16), slice(12, 20))  # clear of the core, inside our extent
+    nodes.write_segment_region(segmentation, volume, box, np.zeros((2, 4, 8), bool), ours_id)
+    expected[box] = False
+    assert in_place == [False, True]
+    assert np.array_equal(segment_array(segmentation, ours_id, volume), expected)
+    assert np.array_equal(segment_array(segmentation, core_id, volume), core)
 
 
 def test_m1_interactive_prompts_rewrite_only_the_box_they_changed(scene, logic, blob, monkeypatch):

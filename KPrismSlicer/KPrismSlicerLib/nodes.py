@@ -287,6 +287,9 @@ def write_segment_region(
         raise ValueError(f"The mask has shape {mask.shape}; the region {list(region)} has another.")
     segment_id = _segment_to_write(segmentation_node, volume_node, segment_id, name, color)
     (k0, k1, _), (j0, j1, _), (i0, i1, _) = bounds
+    if _write_in_place(segmentation_node, volume_node, segment_id, ((k0, k1), (j0, j1), (i0, i1)), mask):
+        set_tags(segmentation_node, segment_id, tags)
+        return segment_id
     extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
     labelmap = _labelmap_on_volume_grid(volume_node, extent, mask)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -295,6 +298,51 @@ def write_segment_region(
             raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
     set_tags(segmentation_node, segment_id, tags)
     return segment_id
+
+
+def _write_in_place(segmentation_node: Any, volume_node: Any, segment_id: str,
+                    box: tuple[tuple[int, int], ...], mask: np.ndarray) -> bool:
+    """Write the box straight into the segment's labelmap layer when that is exactly equivalent; True if done.
+
+    ``SetBinaryLabelmapToSegment`` scans, merges and re-crops the segment's whole layer on every
+    call, so its cost follows the segment's size (≈ 100 ms per call for a liver on a 512×512×300
+    CT), not the box. When the layer already covers the box on the volume's own grid, binary
+    labelmap is the source representation, and the new voxels cover no other segment of a shared
+    layer, the same result is a write into the layer's array (Slicer's documented way:
+    ``arrayFromSegmentInternalBinaryLabelmap``, then ``segment.Modified()``). Anything else falls
+    back to the general path.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetSourceRepresentationName() != binary:
+        return False
+    layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    if layer is None or layer.GetPointData().GetScalars() is None:
+        return False
+    i0, i1, j0, j1, k0, k1 = layer.GetExtent()
+    (bk0, bk1), (bj0, bj1), (bi0, bi1) = box
+    if not (i0 <= bi0 and bi1 - 1 <= i1 and j0 <= bj0 and bj1 - 1 <= j1 and k0 <= bk0 and bk1 - 1 <= k1):
+        return False
+    layer_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(layer_matrix)
+    volume_node.GetIJKToRASMatrix(volume_matrix)
+    if not np.allclose(_matrix_array(layer_matrix), _matrix_array(volume_matrix), atol=1e-6):
+        return False
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(tuple(reversed(layer.GetDimensions())))
+    window = voxels[bk0 - k0:bk1 - k0, bj0 - j0:bj1 - j0, bi0 - i0:bi1 - i0]
+    inside = np.asarray(mask) > 0
+    if np.any(inside & (window != 0) & (window != label)):
+        return False  # another segment of this shared layer is there: the general path moves ours out first
+    window[inside] = label
+    window[~inside & (window == label)] = 0
+    layer.Modified()  # a numpy write does not touch VTK's modified time
+    segmentation.GetSegment(segment_id).Modified()
+    return True
+
+
+def _matrix_array(matrix: Any) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def _segment_to_write(segmentation_node: Any, volume_node: Any, segment_id: Optional[str], name: str,
