@@ -293,7 +293,9 @@ def write_segment_region(
     extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
     labelmap = _labelmap_on_volume_grid(volume_node, extent, mask)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK):
+    # An empty segment has nothing to remove: the adding half alone (a first click's write is the largest).
+    modes = (logic.MODE_MERGE_MASK,) if _is_empty(segmentation_node, segment_id) else (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MASK)
+    for mode in modes:
         if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode, extent):
             raise RuntimeError(f"Could not write segment {segment_id!r} of {_name(segmentation_node)}.")
     set_tags(segmentation_node, segment_id, tags)
@@ -339,6 +341,18 @@ def _write_in_place(segmentation_node: Any, volume_node: Any, segment_id: str,
     layer.Modified()  # a numpy write does not touch VTK's modified time
     segmentation.GetSegment(segment_id).Modified()
     return True
+
+
+def _is_empty(segmentation_node: Any, segment_id: str) -> bool:
+    """True when the segment has no voxel (no layer yet, an empty layer, or none of its label in a shared one)."""
+    layer = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    if layer is None or layer.GetPointData().GetScalars() is None:
+        return True
+    i0, i1, j0, j1, k0, k1 = layer.GetExtent()
+    if i1 < i0 or j1 < j0 or k1 < k0:
+        return True
+    label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    return not np.any(numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()) == label)
 
 
 def _matrix_array(matrix: Any) -> np.ndarray:
