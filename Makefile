@@ -27,6 +27,7 @@ test: setup
 # the catalog URLs in CMakeLists.txt, KPrismSlicer.s4ext); Testing/test_slicer_install.py fails until they agree.
 packaging:
 	$(PYTHON) Utilities/sync_packaging.py  # Python 3.11+ (tomllib)
+	$(PYTHON) Utilities/slicer_api.py
 
 clean:
 	rm -rf $(VENV) kprism-demo

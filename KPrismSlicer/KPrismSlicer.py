@@ -16,7 +16,8 @@ from slicer.ScriptedLoadableModule import *  # noqa: F403 (the scripted-module b
 from slicer.util import VTKObservationMixin
 
 from KPrismSlicerLib import bundled, effect_logic, install
-from KPrismSlicerLib.logic import KPrismLogic, KPrismUnavailable, Prompt, known_models
+from KPrismSlicerLib.logic import KPrismLogic, KPrismUnavailable, known_models
+from KPrismSlicerLib.prompts import Prompt
 from KPrismSlicerLib.nodes import InputError, create_prompt_node, placement_axis
 from KPrismSlicerLib.parameters import AXES, KPrismSlicerParameterNode
 from KPrismSlicerLib.worker import JobCancelled, shared_worker

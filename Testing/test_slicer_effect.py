@@ -231,50 +231,16 @@ def test_a_gesture_without_a_selected_segment_is_refused(scene, logic):
 
 # ----------------------------------------------------------------------------------------------- SLICER_API.md
 
-MODULE_SOURCES = ["KPrismSlicer.py", "KPrismSlicerLib/*.py"]
-
-
-def used_names() -> dict[str, set[str]]:
-    """The Slicer-facing names the module's code uses (code only: strings count when they name an MRML class).
-
-    - ``names``: ``slicer.…``, ``qt.…``, ``ctk.…`` attribute chains and imports, ``vtkMRML…`` classes;
-    - ``methods``: VTK/MRML-style calls ``obj.Method(…)`` (capitalised method names);
-    - ``effect``: what the effect calls on ``scriptedEffect`` (the C++ effect adaptor).
-    """
-    import ast
+def _slicer_api():
+    """Utilities/slicer_api.py: the one extraction of the module's Slicer-facing names and their places."""
+    import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "KPrismSlicer"
-    found: dict[str, set[str]] = {"names": set(), "methods": set(), "effect": set()}
-    for pattern in MODULE_SOURCES:
-        for path in sorted(root.glob(pattern)):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if isinstance(node, ast.Attribute):
-                    chain, inner = [node.attr], node.value
-                    while isinstance(inner, ast.Attribute):
-                        chain.insert(0, inner.attr)
-                        inner = inner.value
-                    if isinstance(inner, ast.Name) and inner.id in ("slicer", "qt", "ctk"):
-                        found["names"].add(".".join([inner.id, *chain]))
-                    if chain[:1] == ["scriptedEffect"] and len(chain) > 1:
-                        found["effect"].add(chain[1])
-                    elif isinstance(inner, ast.Name) and inner.id == "scriptedEffect":
-                        found["effect"].add(chain[0])
-                elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                    module = getattr(node, "module", None)
-                    for alias in node.names:
-                        name = f"{module}.{alias.name}" if module else alias.name
-                        if name.split(".")[0] in ("slicer", "qt", "ctk", "SegmentEditorEffects") or name.startswith("qSlicer"):
-                            found["names"].add(name)
-                elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vtkMRML") \
-                        and node.value.isidentifier():
-                    found["names"].add(node.value)
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr[:1].isupper() \
-                        and not (isinstance(node.func.value, ast.Name) and node.func.value.id in ("slicer", "qt", "ctk")):
-                    found["methods"].add(node.func.attr)  # (a class of slicer/qt/ctk called directly is in "names")
-    # A chain's prefixes are documented with it (slicer.util.foo documents slicer.util).
-    found["names"] = {n for n in found["names"] if not any(other.startswith(n + ".") for other in found["names"])}
-    return found
+    path = Path(__file__).resolve().parents[1] / "Utilities" / "slicer_api.py"
+    spec = importlib.util.spec_from_file_location("slicer_api", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_every_slicer_call_of_the_module_is_in_SLICER_API_md():
@@ -282,5 +248,8 @@ def test_every_slicer_call_of_the_module_is_in_SLICER_API_md():
 
     text = (Path(__file__).resolve().parents[1] / "KPrismSlicer" / "SLICER_API.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"`([^`]+)`", text))
-    missing = {kind: sorted(n for n in names if n not in documented) for kind, names in used_names().items()}
+    api = _slicer_api()
+    missing = {kind: sorted(n for n in names if n not in documented) for kind, names in api.used_names().items()}
     assert not any(missing.values()), f"Add these to KPrismSlicer/SLICER_API.md with their place in Slicer's source: {missing}"
+    # The "used at" column follows the code: a call that moved is found where it is now.
+    assert api.rewritten_api_file() == text, "SLICER_API.md's 'used at' column is stale: run python Utilities/slicer_api.py"

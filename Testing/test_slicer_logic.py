@@ -16,7 +16,9 @@ import vtk
 from slicer_fixture import add_volume, blob_array, dice, oblique_ijk_to_ras, read_volume
 
 from KPrismSlicerLib import nodes
-from KPrismSlicerLib.logic import InteractiveSession, KPrismLogic, KPrismUnavailable, Prompt, SegmentationCancelled
+from KPrismSlicerLib.interactive import InteractiveSession
+from KPrismSlicerLib.logic import KPrismLogic, KPrismUnavailable, SegmentationCancelled
+from KPrismSlicerLib.prompts import Prompt
 from KPrismSlicerLib.nodes import InputError
 
 

@@ -14,7 +14,8 @@ import slicer
 from slicer_fixture import add_volume, blob_array, oblique_ijk_to_ras
 
 from KPrismSlicerLib import nodes
-from KPrismSlicerLib.logic import Prompt, SegmentationCancelled
+from KPrismSlicerLib.logic import SegmentationCancelled
+from KPrismSlicerLib.prompts import Prompt
 from KPrismSlicerLib.worker import JobCancelled, JobControl, ModelWorker, shared_worker
 
 

@@ -167,7 +167,7 @@ def run_synthetic(logic: Any, stepper: Stepper, count: int) -> dict:
     import slicer
 
     from KPrismSlicerLib import nodes
-    from KPrismSlicerLib.logic import Prompt
+    from KPrismSlicerLib.prompts import Prompt
 
     scene = slicer.mrmlScene
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic CT")
@@ -202,7 +202,7 @@ def run_shared_ct(logic: Any, stepper: Stepper, folder: Path) -> dict:
     import slicer
 
     from KPrismSlicerLib import nodes
-    from KPrismSlicerLib.logic import Prompt
+    from KPrismSlicerLib.prompts import Prompt
     from kprism.orientation import CanonicalView
 
     image, geometry, labels, names, native_shape = resampled_shared_ct(folder)

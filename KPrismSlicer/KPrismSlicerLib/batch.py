@@ -502,7 +502,7 @@ def resolve_prompts(scene: Any, prompts: Optional["PromptFile"], volume: Any) ->
     import numpy as np
 
     from KPrismSlicerLib import nodes
-    from KPrismSlicerLib.logic import Prompt
+    from KPrismSlicerLib.prompts import Prompt
 
     if prompts is None:
         return []

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import nodes
-from .logic import check_point
+from .prompts import check_point
 from .nodes import InputError
 
 THIN = 1.0 + 1e-6  # a marker at most one voxel thick across its view is a one-slice (2D) box

@@ -29,12 +29,13 @@ import slicer
 
 from . import effect_geometry, nodes
 from .effect_markers import Marker, Markers
-from .logic import KPrismLogic, Prompt, PromptResult
+from .logic import KPrismLogic
+from .prompts import Prompt, PromptResult
 from .nodes import InputError
 from .worker import JobCancelled, ModelWorker, shared_worker
 
 if TYPE_CHECKING:
-    from .logic import InteractiveSession
+    from .interactive import InteractiveSession
 
 Report = Callable[[str], None]
 DEFAULT_BRUSH_MM = 3.0

@@ -190,6 +190,10 @@ def check_same_frame(volume_node: Any, segmentation_node: Any) -> None:
 # ----------------------------------------------------------------------------------------------- segments
 
 
+def has_segment(segmentation_node: Any, segment_id: Optional[str]) -> bool:
+    return segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is not None
+
+
 def segment_ids(segmentation_node: Any) -> list[str]:
     ids = vtk.vtkStringArray()
     segmentation_node.GetSegmentation().GetSegmentIDs(ids)
