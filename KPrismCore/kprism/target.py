@@ -463,7 +463,9 @@ class Target:
                 if rules.min_similarity is not None and float(torch.nn.functional.cosine_similarity(
                         _masked_mean(features, resize_mask(mask, self.size)), anchor_look, dim=0)) < rules.min_similarity:
                     break  # a slow drift into a neighbouring structure: it no longer looks like what was prompted
-                old = self._slice(self._volume, axis, index) >= 0.5
+                # Agreement is with the slice as it was before this prompt: a first prompt's short run wrote the
+                # neighbours moments ago, and agreeing with those stopped the full run after a few slices.
+                old = self._before_step(axis, index) >= 0.5
                 unchanged = rules.agreement is not None and old.any() and dice(old, mask) >= rules.agreement
                 self._write(axis, index, probability, float(quality[0]), logits[0])
                 if unchanged:
@@ -525,6 +527,13 @@ class Target:
 
     def _slice(self, volume: np.ndarray, axis: int, index: int) -> np.ndarray:
         return volume if self.encoded.ndim == 2 else np.take(volume, index, axis=axis)
+
+    def _before_step(self, axis: int, index: int) -> np.ndarray:
+        """A canonical slice as it was before the step being built (the first thing the step overwrote there)."""
+        for written_axis, written_index, old, *_ in self._step.writes:
+            if (written_axis, written_index) == (axis, index):
+                return old
+        return self._slice(self._volume, axis, index)
 
     def _write(self, axis: int, index: int, values: np.ndarray, quality: float, logits: Optional[np.ndarray] = None) -> None:
         """Overwrite one canonical slice (and the model logits behind it, if any), remembering what was there for undo."""
