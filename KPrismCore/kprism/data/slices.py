@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,15 @@ def _resize_labels(labels: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
 
 
+def training_slice_indices(labels: np.ndarray, axis: int, rng: np.random.Generator) -> list[int]:
+    """The slices of a volume that training uses: every labelled one plus a few empty ones drawn by `rng`."""
+    count = labels.shape[axis]
+    keep = [i for i in range(count) if np.take(labels, i, axis=axis).any()]
+    empty = [i for i in range(count) if i not in set(keep)]
+    keep += rng.choice(empty, min(NEGATIVE_SLICES_PER_VOLUME, len(empty)), replace=False).tolist() if empty else []
+    return sorted(keep)
+
+
 def build_slice_bank(
     roots: Sequence[str | Path],
     size: int,
@@ -86,28 +95,66 @@ def build_slice_bank(
     `label_scale` = 2 keeps labels at twice the model resolution, for soft training targets.
     """
     bank = SliceBank(size, label_scale)
+    for case in training_cases(roots, split, axis, rng, progress):
+        bank.modality[case.dataset.name] = case.dataset.modality
+        for index in case.indices:
+            pixels, plane = case.plane(index)
+            tensor = resize_image(case.normalized(pixels), size)
+            bank.add(tensor, _resize_labels(plane, size * label_scale), case.record(index), case.names)
+    return bank
+
+
+@dataclass(frozen=True)
+class TrainingCase:
+    """One case of a dataset as training sees it: canonical arrays and the slices it trains on."""
+
+    dataset: Any  # the loaded dataset (`load_dataset`)
+    case_id: str
+    image: Any  # its ImageData (modality, RGB, dimensionality)
+    array: np.ndarray  # the image, canonical order
+    labels: np.ndarray  # the labels, canonical order
+    value_range: Any  # the intensity range `normalize_slice` uses
+    indices: list[int]  # the training slices along `axis` (0 for a picture)
+    axis: int
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {value: name for name, value in self.dataset.labels.items()}
+
+    def plane(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, labels) of one training slice."""
+        if self.image.ndim == 2:
+            return self.array, self.labels
+        return np.take(self.array, index, axis=self.axis), np.take(self.labels, index, axis=self.axis)
+
+    def normalized(self, pixels: np.ndarray):
+        return normalize_slice(pixels, self.image.modality, self.image.is_rgb, self.value_range)
+
+    def record(self, index: int) -> SliceRecord:
+        return SliceRecord(self.dataset.name, self.case_id, index, 1 if self.image.ndim == 2 else self.array.shape[self.axis])
+
+
+def training_cases(
+    roots: Sequence[str | Path],
+    split: str = "train",
+    axis: int = 0,
+    rng: Optional[np.random.Generator] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Iterator[TrainingCase]:
+    """Every case of the datasets under `roots` with the slices training uses, in one fixed order.
+
+    The slice bank, the embedding cache's fill and the embedded bank all walk this, so with the same
+    `rng` (default: seed 0) they draw the same empty slices and meet the same slices.
+    """
     rng = rng or np.random.default_rng(0)
     for root in roots:
         dataset = load_dataset(root)
-        names = {value: name for name, value in dataset.labels.items()}
-        bank.modality[dataset.name] = dataset.modality
         for case in dataset.cases(split):
             image, labels = dataset.load(case)
             if progress:
                 progress(f"{dataset.name}/{case.case_id}")
             view = CanonicalView.of(image.geometry, image.spatial_shape)
             array, labels = view.to_canonical(image.array), view.to_canonical(labels)
-            value_range = intensity_range(image.array, image.modality, image.is_rgb)
-            if image.ndim == 2:
-                slices = [(0, array, labels)]
-            else:
-                count = array.shape[axis]
-                keep = [i for i in range(count) if np.take(labels, i, axis=axis).any()]
-                empty = [i for i in range(count) if i not in set(keep)]
-                keep += rng.choice(empty, min(NEGATIVE_SLICES_PER_VOLUME, len(empty)), replace=False).tolist() if empty else []
-                slices = [(i, np.take(array, i, axis=axis), np.take(labels, i, axis=axis)) for i in sorted(keep)]
-            for index, img, lab in slices:
-                tensor = resize_image(normalize_slice(img, image.modality, image.is_rgb, value_range), size)
-                bank.add(tensor, _resize_labels(lab, size * label_scale),
-                         SliceRecord(dataset.name, case.case_id, index, 1 if image.ndim == 2 else array.shape[axis]), names)
-    return bank
+            indices = [0] if image.ndim == 2 else training_slice_indices(labels, axis, rng)
+            yield TrainingCase(dataset, case.case_id, image, array, labels,
+                               intensity_range(image.array, image.modality, image.is_rgb), indices, axis)

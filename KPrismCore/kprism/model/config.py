@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .tiny_vit import LITE_MEDSAM
+
+_LITE_MEDSAM_JSON = LITE_MEDSAM.to_json()
+
 
 @dataclass(frozen=True)
 class KPrismConfig:
@@ -24,6 +28,14 @@ class KPrismConfig:
     max_references: int = 4
     dropout: float = 0.0
     class_head: bool = False  # the one-pass all-class head (`KPrismModel.segment_all`)
+    # A pretrained, frozen TinyViT as the image encoder: its config as JSON (`TinyViTConfig.to_json`);
+    # empty = our own convolutional encoder. See `foundation_encoder.py`.
+    foundation: str = ""
+    # Normalisation in the dense prompt encoder: "batch" (as trained for tiny) or "none". A training batch
+    # holds one task mode, so batch statistics mix batches without any dense prompt (variance 0) and
+    # batches with clicks and priors; at inference the running variance (~1e-3 after 450 medsam steps)
+    # then amplifies a prior mask ~30× and the mask floods the slice. "none" has no batch statistics.
+    prompt_norm: str = "batch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +63,15 @@ PRESETS: dict[str, KPrismConfig] = {
         decoder_heads=8,
         num_experts=8,
         expert_hidden=1024,
+    ),
+    # LiteMedSAM's pretrained medical TinyViT (frozen, 256×64×64 embedding) under K-Prism's decoder side.
+    # Wider skips than tiny: the stride-4 skip carries the foundation embedding itself.
+    "medsam": KPrismConfig(
+        encoder_channels=(24, 64, 96, 128),
+        encoder_blocks=(1, 1, 0, 0),  # the trainable high-resolution stem (strides 2 and 4) beside the foundation
+        foundation=_LITE_MEDSAM_JSON,
+        class_head=True,
+        prompt_norm="none",
     ),
 }
 

@@ -12,6 +12,7 @@ from .class_head import ClassHead
 from .config import KPrismConfig
 from .decoder import MoEDecoder
 from .encoder import ImageEncoder, ImageFeatures
+from .foundation_encoder import FoundationEncoder
 from .heads import MaskHead, QualityHead
 from .position import DensePositionEncoding
 from .prompts import MODES, DensePromptEncoder, Prompts, ReferenceFusion, SparsePromptEncoder
@@ -32,7 +33,8 @@ class KPrismModel(nn.Module):
         super().__init__()
         self.config = config
         d = config.embed_dim
-        self.encoder = ImageEncoder(config)
+        # `medsam`: a pretrained, frozen TinyViT with trainable adapters; otherwise our own small encoder.
+        self.encoder = FoundationEncoder(config) if config.foundation else ImageEncoder(config)
         self.sparse = SparsePromptEncoder(config)
         self.dense = DensePromptEncoder(config)
         self.reference_fusion = ReferenceFusion(config)

@@ -211,6 +211,11 @@ class ReferenceFusion(nn.Module):
         return torch.stack([fg, bg], dim=-1)
 
 
+def conv_act(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """A 3×3 convolution (with bias) and GELU: no statistics that depend on the batch."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GELU())
+
+
 class DensePromptEncoder(nn.Module):
     """Encodes click, scribble, box and prior-mask maps at strides 2, 4, 8 and 16.
 
@@ -224,9 +229,12 @@ class DensePromptEncoder(nn.Module):
         super().__init__()
         c2, c4, c8, _ = config.encoder_channels
         self.image_size = config.image_size
-        self.down2 = conv_bn_act(self.IN_CHANNELS, c2)
-        self.down4 = conv_bn_act(c2, c4, stride=2)
-        self.down8 = conv_bn_act(c4, c8, stride=2)
+        if config.prompt_norm not in ("batch", "none"):
+            raise ValueError(f"prompt_norm must be 'batch' or 'none', not {config.prompt_norm!r}.")
+        block = conv_bn_act if config.prompt_norm == "batch" else conv_act
+        self.down2 = block(self.IN_CHANNELS, c2)
+        self.down4 = block(c2, c4, stride=2)
+        self.down8 = block(c4, c8, stride=2)
         self.down16 = nn.Sequential(nn.Conv2d(c8, config.embed_dim, 3, 2, 1))
 
     def maps(self, prompts: Prompts, batch: int) -> torch.Tensor:

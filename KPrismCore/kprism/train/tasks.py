@@ -12,11 +12,32 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from ..catalog import ClassCatalog
 from ..data.slices import SliceBank
 
 MIN_SLICE_DISTANCE = 3  # a same-volume reference must be at least this many slices away
+ABSENT = -1  # label value of a class asked for on a slice that does not show it
+
+
+def mask_parts(bank: SliceBank, slice_id: int, value: int, min_share: float = 0.1) -> list[torch.Tensor]:
+    """The connected parts of a label on a slice (each ≥ `min_share` of the largest), as (S, S) soft
+    masks ordered by their centre column: "the first part" means the same side on every image."""
+    if value == ABSENT:
+        return []
+    labelled, count = ndimage.label((bank.labels[slice_id] == value).numpy())
+    if count < 2:
+        return []
+    sizes = ndimage.sum_labels(np.ones_like(labelled), labelled, range(1, count + 1))
+    keep = [i + 1 for i in range(count) if sizes[i] >= min_share * sizes.max()]
+    columns = ndimage.center_of_mass(np.ones_like(labelled), labelled, keep)
+    parts = []
+    for part, _ in sorted(zip(keep, columns), key=lambda item: item[1][1]):
+        mask = torch.from_numpy(labelled == part).float()
+        parts.append(F.avg_pool2d(mask[None, None], bank.label_scale)[0, 0] if bank.label_scale > 1 else mask)
+    return parts
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,10 @@ class TaskConfig:
     # "uniform": every class of a dataset equally often; "sqrt_slices": by the square root of the number
     # of slices showing it, so large organs (what users ask for first) are seen more, small ones still often.
     class_weighting: str = "uniform"
+    # Tasks where *what* is asked must decide the answer (all 0 by default, which draws nothing extra):
+    absent_class_rate: float = 0.0  # semantic: ask the query slice for a class it does not show → empty target
+    foreign_reference_rate: float = 0.0  # in-context: the reference marks a class from another dataset → empty target
+    part_reference_rate: float = 0.0  # in-context: the reference marks one of several parts (one lung) → that part
 
 
 @dataclass
@@ -114,16 +139,31 @@ class TaskSampler:
             if mode == "semantic" and self.rng.random() < c.negative_rate:
                 slice_id = self._negative_slice(dataset, name, slice_id)
             names.append(name), query_ids.append(slice_id), values.append(value)
-        targets = torch.stack([self.bank.mask(i, v) for i, v in zip(query_ids, values)])
+        if mode == "semantic" and c.absent_class_rate:
+            for n, slice_id in enumerate(query_ids):
+                if self.rng.random() < c.absent_class_rate:
+                    names[n], values[n] = self._absent_class(slice_id, names[n]), ABSENT
+        targets = torch.stack([self._mask(i, v) for i, v in zip(query_ids, values)])
         batch = TaskBatch(str(mode), query_ids, targets, class_names=names)
         if mode == "semantic":
             batch.class_ids = torch.tensor([self.catalog.index(n) for n in names])
         elif mode == "in_context":
             batch.ref_ids, masks = [], []
-            for name, query in zip(names, query_ids):
+            for n, (name, query) in enumerate(zip(names, query_ids)):
                 refs = [self._reference(name, query) for _ in range(c.references)]
+                ref_masks = [self.bank.mask(r, v) for r, v in refs]
+                if c.foreign_reference_rate and self.rng.random() < c.foreign_reference_rate:
+                    foreign = self._foreign_reference(query)
+                    if foreign is not None:
+                        refs, ref_masks = [foreign] * c.references, [self.bank.mask(*foreign)] * c.references
+                        batch.targets[n] = 0  # nothing on the query looks like what the reference marks
+                elif c.part_reference_rate and self.rng.random() < c.part_reference_rate:
+                    parts = self._matching_parts(query, values[n], refs[0])
+                    if parts is not None:
+                        ref_masks = [parts[0]] + ref_masks[1:]
+                        batch.targets[n] = parts[1]
                 batch.ref_ids.append([r for r, _ in refs])
-                masks.append(torch.stack([self.bank.mask(r, v) for r, v in refs]))
+                masks.append(torch.stack(ref_masks))
             batch.ref_masks = torch.stack(masks)
         if mode == "interactive":
             draw = self.rng.random()
@@ -133,6 +173,37 @@ class TaskSampler:
         elif self.rng.random() < c.knowledge_then_clicks:
             batch.correction_rounds = int(self.rng.integers(1, c.max_correction_rounds + 1))
         return batch
+
+    def _mask(self, slice_id: int, value: int) -> torch.Tensor:
+        return torch.zeros(self.bank.size, self.bank.size) if value == ABSENT else self.bank.mask(slice_id, value)
+
+    def _absent_class(self, slice_id: int, fallback: str) -> str:
+        """A catalog class the slice does not show: half the time one its dataset labels elsewhere, else any."""
+        shown = {n for n, pairs in self.bank.by_class.items() if any(i == slice_id for i, _ in pairs)}
+        dataset = self.bank.records[slice_id].dataset
+        same_set = [n for n in self.classes_by_dataset[dataset] if n not in shown]
+        anywhere = [n for n in self.catalog.names if n not in shown]
+        pool = same_set if same_set and self.rng.random() < 0.5 else anywhere
+        return pool[self.rng.integers(len(pool))] if pool else fallback
+
+    def _foreign_reference(self, query: int) -> Optional[tuple[int, int]]:
+        """A labelled slice of another dataset, with one of its classes: unrelated to anything on the query."""
+        dataset = self.bank.records[query].dataset
+        others = [d for d in self.datasets if d != dataset]
+        if not others:
+            return None
+        other = others[self.rng.integers(len(others))]
+        names = self.classes_by_dataset[other]
+        return self._slice_with(names[self.rng.integers(len(names))], other)
+
+    def _matching_parts(self, query: int, value: int, reference: tuple[int, int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """One part of a class that comes in several (two lungs, two kidneys): the same part, counted from
+        the image's left, marked on the reference and expected on the query. None if the counts differ."""
+        query_parts, reference_parts = mask_parts(self.bank, query, value), mask_parts(self.bank, *reference)
+        if len(query_parts) < 2 or len(query_parts) != len(reference_parts):
+            return None
+        k = int(self.rng.integers(len(query_parts)))
+        return reference_parts[k], query_parts[k]
 
     def _slice_with(self, name: str, dataset: str) -> tuple[int, int]:
         candidates = [(i, v) for i, v in self.bank.by_class[name] if self.bank.records[i].dataset == dataset]

@@ -20,16 +20,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from monai.transforms import Compose
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..catalog import ClassCatalog
 from ..data.slices import SliceBank, build_slice_bank
+from ..model.encoder import ImageFeatures
 from ..model import KPrismModel, Prompts, build_model, preset, upsample_logits
 from ..runtime import autocast, resolve_device
 from ..weights import Checkpoint, file_sha256, read_checkpoint, save_checkpoint
 from .augment import augment_batch, build_augmentation
 from .class_head import ClassTargetBuilder, choose_channels, class_head_loss
+from .embedded_bank import EmbeddedSliceBank, build_embedded_bank
 from .interactions import correction_clicks, first_prompts
 from .losses import total_loss
 from .tasks import TaskBatch, TaskConfig, TaskSampler
@@ -68,6 +71,11 @@ class TrainConfig:
     objective: str = "prompts"
     train_only: Optional[list[str]] = None  # top-level module names to train; the rest is frozen (and kept in eval mode)
     loss_weights: dict[str, float] = field(default_factory=lambda: {"mask": 1.0, "deep": 0.4, "balance": 0.01, "quality": 0.5})
+    # Presets with a frozen foundation encoder (`medsam`) train on its cached embeddings:
+    foundation_encoder: Optional[str] = None  # converted encoder weights (default: the kprism user cache's LiteMedSAM file)
+    embedding_cache: Optional[str] = None  # cache root (default: $KPRISM_EMBEDDING_CACHE or the kprism user cache)
+    encode_missing: bool = False  # encode slices missing from the cache (slow on a CPU) instead of leaving them out
+    held_out_cases: list[str] = field(default_factory=list)  # case ids ("dataset/case" or "case") kept out of training
     task: TaskConfig = field(default_factory=TaskConfig)
 
     @classmethod
@@ -81,14 +89,14 @@ class TrainConfig:
             return str((base_dir / path).resolve())  # an absolute path passes through unchanged
 
         values["datasets"] = [anchor(d) for d in values["datasets"]]
-        for key in ("output", "run_dir", "init_from"):
+        for key in ("output", "run_dir", "init_from", "foundation_encoder", "embedding_cache"):
             if key in values:
                 values[key] = anchor(values[key])
         return cls(**values)
 
     def fingerprint(self) -> str:
         """What must match for a resume to be the same run (steps and logging may change)."""
-        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "val_every", "val_per_dataset", "threads", "device", "run_dir", "output", "init_from")}
+        core = {k: v for k, v in asdict(self).items() if k not in ("steps", "checkpoint_every", "log_every", "val_every", "val_per_dataset", "threads", "device", "run_dir", "output", "init_from", "foundation_encoder", "embedding_cache", "encode_missing")}
         if self.init_from:  # the starting weights' content matters, not where the file lies
             core["init_sha256"] = file_sha256(self.init_from)
         return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -122,12 +130,19 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         self.run_dir = Path(config.run_dir)
         model_config = preset(config.preset, **config.model_overrides)
-        self.bank = bank or build_slice_bank(config.datasets, model_config.image_size, label_scale=2 if config.soft_targets else 1)
+        label_scale = 2 if config.soft_targets else 1
+        self.embedding_cache, encoder_tensors = _foundation_cache(config) if model_config.foundation else (None, None)
+        if bank is None and self.embedding_cache is not None:
+            bank = build_embedded_bank(config.datasets, self.embedding_cache, model_config.image_size, label_scale=label_scale,
+                                       held_out_cases=config.held_out_cases, encode_missing=config.encode_missing)
+        self.bank = bank or build_slice_bank(config.datasets, model_config.image_size, label_scale=label_scale)
         self.catalog = ClassCatalog.from_names(config.classes or self.bank.class_names)
         model_config = preset(config.preset, **{**config.model_overrides, "num_classes": len(self.catalog)})
         self.device = resolve_device(config.device)
         # channels_last: oneDNN's convolutions run ~30% faster in this layout on the CPU (measured).
         self.model: KPrismModel = build_model(model_config)
+        if encoder_tensors is not None:
+            self.model.encoder.vit.load_state_dict(encoder_tensors, strict=True)  # exported with the model
         self.init_checkpoint = _load_initial_weights(self.model, config.init_from, self.catalog) if config.init_from else None
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         if config.objective not in ("prompts", "class_head"):
@@ -140,7 +155,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         self.sampler = TaskSampler(self.bank, self.catalog, config.task, seed=config.seed + 1000 * self.rank)
         self.rng = np.random.default_rng(config.seed + 7 + 1000 * self.rank)
-        self.augmentation = build_augmentation(model_config.image_size, config.seed + self.rank)
+        # Cached embeddings fix each slice's pixels: geometric or intensity changes would no longer match them.
+        self.augmentation = (Compose([]) if isinstance(self.bank, EmbeddedSliceBank)
+                             else build_augmentation(model_config.image_size, config.seed + self.rank))
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
@@ -154,7 +171,7 @@ class Trainer:
     def _freeze(self, train_only: Optional[list[str]]) -> list[torch.nn.Parameter]:
         """Freezes every top-level module not in `train_only`; returns the parameters left to train."""
         if not train_only:
-            return list(self.model.parameters())
+            return [p for p in self.model.parameters() if p.requires_grad]  # a foundation encoder stays frozen
         modules = dict(self.model.named_children())
         unknown = [name for name in train_only if modules.get(name) is None]
         if unknown:
@@ -240,7 +257,7 @@ class Trainer:
         targets = self.class_targets.build(batch.query_ids, self.augmentation)
         with autocast(self.device):
             with torch.set_grad_enabled(self.model.encoder.training):
-                features = self.model.encode(targets.images.to(self.device, memory_format=torch.channels_last))
+                features = self._features(targets.images, batch.query_ids)
             pixels = self.model.class_head.pixel_features(features)
             channels = choose_channels(targets, tuple(pixels.shape[-2:]), ABSENT_CLASSES_PER_SAMPLE, self.rng)
             logits = self.model.class_head.logits_for(pixels, channels.classes.to(self.device))
@@ -255,7 +272,7 @@ class Trainer:
         images, targets = images.to(self.device, memory_format=torch.channels_last), targets.to(self.device)
         prompts = Prompts(class_ids=batch.class_ids)
         with autocast(self.device):
-            query = self.model.encode(images)
+            query = self._features(images, batch.query_ids)
             if batch.ref_ids is not None:
                 b, k = len(batch.ref_ids), len(batch.ref_ids[0])
                 ref_images = torch.stack([self.bank.images[i] for refs in batch.ref_ids for i in refs])
@@ -263,10 +280,17 @@ class Trainer:
                 # References are encoded without gradients: the query path trains the shared encoder,
                 # the fusion layers still learn from them, and a step costs a third less.
                 with torch.set_grad_enabled(self.config.reference_gradients):
-                    embedding = self.model.encode(ref_images.to(self.device, memory_format=torch.channels_last)).embedding
+                    embedding = self._features(ref_images, [i for refs in batch.ref_ids for i in refs]).embedding
                 prompts.ref_features = embedding.view(b, k, *embedding.shape[1:])
                 prompts.ref_masks = ref_masks.view(b, k, 1, *ref_masks.shape[-2:])
         return query, prompts, targets
+
+    def _features(self, images: torch.Tensor, slice_ids: list[int]) -> ImageFeatures:
+        """Encoded slices; with a foundation encoder, from its cached embeddings instead of running it."""
+        images = images.to(self.device, memory_format=torch.channels_last)
+        if isinstance(self.bank, EmbeddedSliceBank):
+            return self.model.encoder.from_embedding(images, self.bank.embeddings(slice_ids).to(self.device))
+        return self.model.encode(images)
 
     def _optimise(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -358,6 +382,18 @@ def _load_initial_weights(model: KPrismModel, path: str, catalog: ClassCatalog) 
     else:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     return checkpoint
+
+
+def _foundation_cache(config: TrainConfig):
+    """The embedding cache of the foundation encoder named by the config, and that encoder's tensors."""
+    from ..encoder_weights import load_tiny_vit
+    from ..user_cache import user_cache_dir
+    from .embedding_cache import EmbeddingCache
+
+    path = config.foundation_encoder or user_cache_dir("encoders", "litemedsam-tinyvit-fp16.safetensors")
+    encoder, metadata = load_tiny_vit(path)  # checks the file's format and tensor hash
+    # Keyed by the file's tensor hash, as `scripts/fill_embedding_cache.py` fills it.
+    return EmbeddingCache(encoder, metadata["tensors_sha256"], root=config.embedding_cache), encoder.state_dict()
 
 
 def _distributed_rank() -> tuple[int, int]:
