@@ -112,8 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as error:  # anything else: one line naming the input, the traceback only on request
             from .extras import missing_optional_line
 
-            if missing_optional_line(error, args.command):  # training/evaluation/plot packages are extras
-                print(f"kprism: error: {missing_optional_line(error, args.command)}", file=sys.stderr)
+            missing = missing_optional_line(error, args.command)
+            if missing:  # training/evaluation/plot packages are extras
+                print(f"kprism: error: {missing}", file=sys.stderr)
                 return 1
             where = getattr(args, "image", None) or getattr(args, "config", None) or args.command
             print(f"kprism: error: {where}: unexpected {type(error).__name__}: {one_line(error)} "

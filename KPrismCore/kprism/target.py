@@ -389,7 +389,7 @@ class Target:
             self._last = (axis, indices[-1] if len(indices) == 1 else indices[len(indices) // 2])
             for index, logits, quality in self._decode_each(axis, indices, prompts):
                 self._write(axis, index, self.encoded.to_slice_grid(axis, logits), float(quality), logits)
-            if travel and len(indices) == 1 and first_prompt:
+            if first_prompt:
                 # A short first run gives the prompted slice neighbours to learn from (see _consolidate); the
                 # full run then starts from the prompted slice as answered with them.
                 # An under-segmented first slice (a click's own answer is often small) must be free to grow:
@@ -431,6 +431,7 @@ class Target:
         slice_area = seed.size
         anchor = (self.encoded.features(axis, [start])[0].embedding, resize_mask(seed, self.size))
         anchor_look = _masked_mean(anchor[0], anchor[1])
+        anchors = self.anchors  # a travel writes results only: the prompted slices stay the same throughout
         done = 0
         for direction in (1, -1):
             if only_outward_of and not (direction > 0 and start == only_outward_of[1]
@@ -438,7 +439,6 @@ class Target:
                 continue
             previous, previous_area = anchor, int(seed.sum())
             index = start + direction
-            anchors = self.anchors
             while 0 <= index < count and (axis, index) not in anchors and (max_steps is None or abs(index - start) <= max_steps):
                 if self._box_limit is not None and not self._box_limit[axis][0] <= index <= self._box_limit[axis][1]:
                     break  # no travel leaves a 3D box
@@ -451,7 +451,8 @@ class Target:
                     break  # a correction extends the structure; it does not redo slices that hold a result
                 if not redo_box_only and state is not None and state.box is not None:  # a box placed on this slice still holds
                     prompts.boxes, prompts.box_valid = torch.tensor([state.box], dtype=torch.float32), torch.tensor([True])
-                logits, quality = self.encoded.decode(self.encoded.features(axis, [index])[0], prompts)
+                slice_features = self.encoded.features(axis, [index])[0]
+                logits, quality = self.encoded.decode(slice_features, prompts)
                 probability = self.encoded.to_slice_grid(axis, logits[0])
                 mask = probability >= 0.5
                 area = int(mask.sum())
@@ -459,7 +460,7 @@ class Target:
                     break
                 if area > rules.max_area_ratio * previous_area + rules.growth_slack * slice_area:
                     break
-                features = self.encoded.features(axis, [index])[0].embedding
+                features = slice_features.embedding
                 if rules.min_similarity is not None and float(torch.nn.functional.cosine_similarity(
                         _masked_mean(features, resize_mask(mask, self.size)), anchor_look, dim=0)) < rules.min_similarity:
                     break  # a slow drift into a neighbouring structure: it no longer looks like what was prompted

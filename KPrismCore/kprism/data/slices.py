@@ -76,7 +76,8 @@ def training_slice_indices(labels: np.ndarray, axis: int, rng: np.random.Generat
     """The slices of a volume that training uses: every labelled one plus a few empty ones drawn by `rng`."""
     count = labels.shape[axis]
     keep = [i for i in range(count) if np.take(labels, i, axis=axis).any()]
-    empty = [i for i in range(count) if i not in set(keep)]
+    kept = set(keep)
+    empty = [i for i in range(count) if i not in kept]
     keep += rng.choice(empty, min(NEGATIVE_SLICES_PER_VOLUME, len(empty)), replace=False).tolist() if empty else []
     return sorted(keep)
 
@@ -97,10 +98,11 @@ def build_slice_bank(
     bank = SliceBank(size, label_scale)
     for case in training_cases(roots, split, axis, rng, progress):
         bank.modality[case.dataset.name] = case.dataset.modality
+        names = case.names
         for index in case.indices:
             pixels, plane = case.plane(index)
             tensor = resize_image(case.normalized(pixels), size)
-            bank.add(tensor, _resize_labels(plane, size * label_scale), case.record(index), case.names)
+            bank.add(tensor, _resize_labels(plane, size * label_scale), case.record(index), names)
     return bank
 
 
