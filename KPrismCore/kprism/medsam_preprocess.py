@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import preprocess
 from .preprocess import CT_NAMES, _check_finite, intensity_range
 
 IMAGE_SIZE = 256
-# (level, width) in HU; the same three windows `kprism.preprocess` stacks as channels for the tiny encoder.
-CT_WINDOWS: dict[str, tuple[float, float]] = {"soft_tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
+# (level, width) in HU, by name: the three windows `kprism.preprocess` stacks as channels for the tiny encoder.
+CT_WINDOWS: dict[str, tuple[float, float]] = dict(zip(("soft_tissue", "lung", "bone"), preprocess.CT_WINDOWS))
 
 
 class Letterbox(NamedTuple):

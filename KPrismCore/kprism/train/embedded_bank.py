@@ -57,8 +57,7 @@ def cached_key(cache: EmbeddingCache, standard: torch.Tensor, letterboxed: torch
     """The key of a usable cache entry for a slice, or None: the model's own encoder input first, then,
     for a square slice, LiteMedSAM's letterboxed input (the same picture, as the fill stores it)."""
     for candidate, usable in ((foundation_input(standard[None])[0], True), (letterboxed, square)):
-        key = cache.key(candidate)
-        if usable and cache.load(key) is not None:
+        if usable and cache.load(key := cache.key(candidate)) is not None:
             return key
     return None
 
