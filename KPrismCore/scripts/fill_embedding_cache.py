@@ -19,13 +19,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kprism.data.nnunet_v2 import load_dataset  # noqa: E402
-from kprism.data.slices import training_slice_indices  # noqa: E402
+from kprism.data.slices import training_cases  # noqa: E402
 from kprism.medsam_preprocess import CT_WINDOWS  # noqa: E402
-from kprism.orientation import CanonicalView  # noqa: E402
 from kprism.preprocess import CT_NAMES  # noqa: E402
 from kprism.train.embedding_cache import EmbeddingCache  # noqa: E402
 from kprism.train.encoder_slices import LAYOUTS, encoder_training_slices  # noqa: E402
@@ -35,18 +32,10 @@ DEFAULT_ENCODER = user_cache_dir("encoders", "litemedsam-tinyvit-fp16.safetensor
 
 
 def count_slices(roots: list[Path], split: str, axis: int, windows: int) -> int:
-    """How many encoder inputs `encoder_training_slices` will yield (labels only, no preprocessing)."""
-    rng, total = np.random.default_rng(0), 0
-    for root in roots:
-        dataset = load_dataset(root)
-        per_slice = windows if dataset.modality in CT_NAMES else 1
-        for case in dataset.cases(split):
-            image, labels = dataset.load(case)
-            if image.ndim == 2:
-                total += per_slice
-                continue
-            labels = CanonicalView.of(image.geometry, image.spatial_shape).to_canonical(labels)
-            total += per_slice * len(training_slice_indices(labels, axis, rng))
+    """How many encoder inputs `encoder_training_slices` will yield: the same walk, without preprocessing."""
+    total = 0
+    for case in training_cases(roots, split, axis):
+        total += (windows if case.image.modality.lower() in CT_NAMES else 1) * len(case.indices)
     return total
 
 
