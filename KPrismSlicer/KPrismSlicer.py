@@ -179,12 +179,13 @@ class KPrismSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.addItems(list(models))
         self.ui.modelComboBox.setCurrentText(model)
         self.ui.modelComboBox.blockSignals(False)
+        installed = install.is_installed()  # reads package metadata: once per refill
         if model in models:
             self._setClasses(models[model])
-        elif install.is_installed():
+        elif installed:
             self._configure()
             self._submit(_("Reading the model's classes"), lambda control: self.logic.class_names(), self._setClasses)
-        if not install.is_installed():
+        if not installed:
             self.ui.statusLabel.text = _("KPrism's Python packages install on first use (or press 'Install dependencies').")
 
     def _setClasses(self, names) -> None:

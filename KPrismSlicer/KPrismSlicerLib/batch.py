@@ -161,14 +161,12 @@ def _prompts_settings(prompts: Optional["PromptFile"]) -> Optional[dict]:
 
 
 def _file_digest(path: str | Path, what: str) -> str:
+    from kprism.weights import file_sha256
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"The {what} {path} is not a file.")
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -636,8 +634,9 @@ def dependencies_problem() -> Optional[str]:
     """One line when kprism or what it needs is missing from this Python, else None. The batch installs nothing."""
     from KPrismSlicerLib import bundled, install
 
-    if bundled.python_problem():
-        return bundled.python_problem()
+    problem = bundled.python_problem()
+    if problem:
+        return problem
     if not bundled.kprism_found():
         return bundled.MISSING_PACKAGE
     absent = install.missing()

@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import nodes
-from .prompts import check_point
 from .nodes import InputError
 
 THIN = 1.0 + 1e-6  # a marker at most one voxel thick across its view is a one-slice (2D) box
@@ -37,11 +36,6 @@ def index_axis(volume_node: Any, axis: int) -> int:
 def voxel_spacing(volume_node: Any) -> np.ndarray:
     """Millimetres per voxel along i, j, k."""
     return np.linalg.norm(nodes.ijk_to_ras_matrix(volume_node)[:3, :3], axis=0)
-
-
-def check_click(volume_node: Any, ras: Sequence[float]) -> None:
-    """Refuse a click off the volume, in one line, before anything is placed or queued."""
-    check_point(volume_node, ras, "click")
 
 
 def box_corners(volume_node: Any, corners_ras: Sequence[Sequence[float]], axis: int) -> tuple[list[float], list[float]]:

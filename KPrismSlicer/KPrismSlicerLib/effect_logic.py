@@ -30,7 +30,7 @@ import slicer
 from . import effect_geometry, nodes
 from .effect_markers import Marker, Markers
 from .logic import KPrismLogic
-from .prompts import Prompt, PromptResult
+from .prompts import Prompt, PromptResult, check_point
 from .nodes import InputError
 from .worker import JobCancelled, ModelWorker, shared_worker
 
@@ -118,7 +118,7 @@ class EffectLogic:
         if volume_node is None:
             raise InputError("Select a source volume in the Segment Editor first.")
         nodes.check_volume(volume_node, "source volume")
-        if segmentation_node is None or not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        if segmentation_node is None or not segment_id or not nodes.has_segment(segmentation_node, segment_id):
             raise InputError("Select a segment in the Segment Editor first (add one with 'Add').")
         if self.state is not None and self.state.key() == (volume_node, segmentation_node, segment_id):
             return
@@ -209,7 +209,7 @@ class EffectLogic:
         return True
 
     def _click(self, state: _SegmentState, ras, axis, positive) -> _Entry:
-        effect_geometry.check_click(state.volume_node, ras)
+        check_point(state.volume_node, ras)
         state.count += 1
         marker = state.markers.click(ras, positive, str(state.count))
         return _Entry("click", Prompt.point(ras, positive, axis), marker)
@@ -235,7 +235,7 @@ class EffectLogic:
         where = state.markers.position(entry.marker)
         axis = entry.prompt.axis
         if entry.kind == "click":
-            effect_geometry.check_click(state.volume_node, where)
+            check_point(state.volume_node, where)
             return Prompt.point(where, entry.prompt.positive, axis)
         if entry.kind == "box":
             low, high = effect_geometry.box_corners(state.volume_node, where, axis)
@@ -407,43 +407,26 @@ class EffectLogic:
             self.report_callback(message)
 
 
-def run_session_step(worker: ModelWorker, label: str, session: Any, operation: str, prompt: Optional[Prompt],
-                     on_done: Callable[[Optional[PromptResult]], None], on_error: Callable[[BaseException], None]) -> Optional[Any]:
+def run_session_step(worker: ModelWorker, label: str, session: "InteractiveSession", operation: str,
+                     prompt: Optional[Prompt], on_done: Callable[[Optional[PromptResult]], None],
+                     on_error: Callable[[BaseException], None]) -> Any:
     """The one place the effect runs an InteractiveSession step ("add", "undo" or "redo") on the model worker.
 
-    With the session's split API, reading MRML (`prepare*`) and writing it (`finish`) happen on the
-    GUI thread and only `compute` on the worker. A session without it runs the whole synchronous
-    step when the worker hands the turn back (still in order, still off the event handler).
-    Returns the Job, or None when there was nothing to do (no callback is called then).
+    Reading MRML (`prepare*`) and writing it (`finish`) happen on the GUI thread, only `compute` on
+    the worker. Returns the Job.
     """
-    prepare = {"add": lambda: session.prepare(prompt), "undo": lambda: session.prepare_undo(),
-               "redo": lambda: session.prepare_redo()}[operation]
-    if hasattr(session, "prepare"):
-        prepared = prepare()
-        if prepared is None:
-            return None
+    prepare = {"add": lambda: session.prepare(prompt), "undo": session.prepare_undo, "redo": session.prepare_redo}
+    prepared = prepare[operation]()
 
-        def finish(delta: Any) -> None:
-            try:
-                result = session.finish(prepared, delta)
-            except BaseException as error:  # noqa: BLE001 (reported in one line, nothing left half-written)
-                on_error(error)
-                return
-            on_done(result)
-
-        return worker.submit(label, prepared.compute, finish, on_error)
-
-    synchronous = {"add": lambda: session.add(prompt), "undo": session.undo, "redo": session.redo}[operation]
-
-    def run(_: Any) -> None:
+    def finish(delta: Any) -> None:
         try:
-            result = synchronous()
-        except BaseException as error:  # noqa: BLE001
+            result = session.finish(prepared, delta)
+        except BaseException as error:  # noqa: BLE001 (reported in one line, nothing left half-written)
             on_error(error)
             return
         on_done(result)
 
-    return worker.submit(label, lambda control: None, run, on_error)
+    return worker.submit(label, prepared.compute, finish, on_error)
 
 
 def _one_line(error: BaseException) -> str:

@@ -177,8 +177,6 @@ class Markers:
     def _geometry(self, marker: Marker) -> Any:
         if not marker.shown or marker.node is None or marker.node.GetScene() is None:
             return marker.geometry
-        if marker.kind == "click":
-            return np.asarray(self.position(marker), float)
         if marker.kind == "box":
             return slicer.util.arrayFromVTKMatrix(marker.node.GetObjectToNodeMatrix()), list(marker.node.GetSize())
         return np.asarray(self.position(marker), float)
@@ -210,7 +208,7 @@ class Markers:
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         if display is not None:  # none without the application's markups logic
-            display.SetSelectedColor((0.2, 0.8, 0.2) if marker.positive else (0.9, 0.2, 0.2))
+            display.SetSelectedColor(nodes.PROMPT_COLORS[marker.positive])
             display.SetPointLabelsVisibility(False)
         slicer.util.updateMarkupsControlPointsFromArray(node, np.asarray(marker.geometry, float), world=True)
         marker.node = node

@@ -99,7 +99,7 @@ class InteractiveSession:
         if segmentation_node is None:
             raise InputError("No output segmentation: select or create one.")
         nodes.check_same_frame(volume_node, segmentation_node)
-        if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        if segment_id is not None and not nodes.has_segment(segmentation_node, segment_id):
             raise InputError(f"{segmentation_node.GetName()!r} has no segment {segment_id!r}.")
         self.logic, self.volume_node, self.segmentation_node = logic, volume_node, segmentation_node
         self.segment_id, self.name, self.modality = segment_id, name, modality
@@ -160,13 +160,14 @@ class InteractiveSession:
 
     def _plan_if_needed(self) -> Optional[_StartPlan]:
         """A (re)start when the session has none yet, the volume changed (its old history is gone) or after reset()."""
-        key, state = self.logic.volume_state(self.volume_node, self.modality)
-        if self._state == (key, state) and not self._fresh:
+        volume = self.logic.volume_state(self.volume_node, self.modality)
+        if self._state == volume and not self._fresh:
             return None
-        return self._plan_start()
+        return self._plan_start(volume)
 
-    def _plan_start(self) -> _StartPlan:
-        key, state = self.logic.volume_state(self.volume_node, self.modality)
+    def _plan_start(self, volume: Optional[tuple] = None) -> _StartPlan:
+        """`volume`: the (key, state) the caller just read, else read here."""
+        key, state = volume or self.logic.volume_state(self.volume_node, self.modality)
         encoded = self.logic.cached_encoded(key, state)
         same_volume = self._state == (key, state)
         image = None if encoded is not None or same_volume else nodes.volume_to_image(self.volume_node, self.modality)

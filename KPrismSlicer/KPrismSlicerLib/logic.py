@@ -100,9 +100,8 @@ class KPrismLogic:
 
     def class_names(self) -> list[str]:
         """The model's classes: from kprism's manifest when it knows the model (torch stays unloaded)."""
-        if self._session is None and self.model_name() in known_models():
-            return known_models()[self.model_name()]
-        return list(self.session.catalog.names)
+        known = known_models().get(self.model_name()) if self._session is None else None
+        return known if known is not None else list(self.session.catalog.names)
 
     def model_name(self) -> str:
         return str(self.model or "kprism-tiny")
@@ -434,7 +433,7 @@ def _reference(volume_node: Any, segmentation_node: Any, segment_id: str):
     if segmentation_node is None or not nodes.segment_ids(segmentation_node):
         raise InputError("The reference segmentation has no segments: mark the structure to find on the reference volume.")
     nodes.check_same_frame(volume_node, segmentation_node)
-    if segment_id is None or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+    if not nodes.has_segment(segmentation_node, segment_id):
         raise InputError(f"The reference segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}.")
     mask = nodes.segment_mask(segmentation_node, segment_id, volume_node)
     name = nodes.segment_name(segmentation_node, segment_id)

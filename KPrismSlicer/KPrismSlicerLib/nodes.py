@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 PROVENANCE_TAG = "KPrism.Provenance"
 LOCK_TAG = "KPrism.Locked"  # "true" protects a segment from being overwritten by KPrism
 POSITIVE_ATTRIBUTE = "KPrism.Positive"  # on a markups node: "false" makes its points negative clicks
+PROMPT_COLORS = {True: (0.2, 0.8, 0.2), False: (0.9, 0.2, 0.2)}  # include (green), exclude (red)
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _HEADLESS_LOGICS: list = []  # keeps the logic objects of headless scenes alive
 
@@ -329,10 +330,9 @@ def _write_in_place(segmentation_node: Any, volume_node: Any, segment_id: str,
     (bk0, bk1), (bj0, bj1), (bi0, bi1) = box
     if not (i0 <= bi0 and bi1 - 1 <= i1 and j0 <= bj0 and bj1 - 1 <= j1 and k0 <= bk0 and bk1 - 1 <= k1):
         return False
-    layer_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    layer_matrix = vtk.vtkMatrix4x4()
     layer.GetImageToWorldMatrix(layer_matrix)
-    volume_node.GetIJKToRASMatrix(volume_matrix)
-    if not np.allclose(_matrix_array(layer_matrix), _matrix_array(volume_matrix), atol=1e-6):
+    if not np.allclose(slicer.util.arrayFromVTKMatrix(layer_matrix), ijk_to_ras_matrix(volume_node), atol=1e-6):
         return False
     label = segmentation.GetSegment(segment_id).GetLabelValue()
     voxels = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(tuple(reversed(layer.GetDimensions())))
@@ -357,10 +357,6 @@ def _is_empty(segmentation_node: Any, segment_id: str) -> bool:
         return True
     label = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     return not np.any(numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()) == label)
-
-
-def _matrix_array(matrix: Any) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def _segment_to_write(segmentation_node: Any, volume_node: Any, segment_id: Optional[str], name: str,
@@ -465,7 +461,7 @@ def create_prompt_node(scene: Any, kind: str) -> Any:
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None:  # none without the application's markups logic
-        display.SetSelectedColor((0.2, 0.8, 0.2) if kind == "positive" else (0.9, 0.2, 0.2))
+        display.SetSelectedColor(PROMPT_COLORS[kind == "positive"])
     return node
 
 

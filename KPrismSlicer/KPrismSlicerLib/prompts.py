@@ -165,7 +165,7 @@ def check_prompt(prompt: Prompt, volume_node: Any) -> None:
         if prompt.mask.shape != shape or not prompt.mask.any():
             raise InputError(f"The stroke is empty on the volume {volume_node.GetName()!r} (mask {prompt.mask.shape}, volume {shape}).")
     elif prompt.kind in ("scribble", "prior"):
-        if prompt.node is None or prompt.node.GetSegmentation().GetSegment(prompt.segment_id or "") is None:
+        if prompt.node is None or not nodes.has_segment(prompt.node, prompt.segment_id):
             raise InputError(f"The {prompt.kind} segment {prompt.segment_id!r} does not exist.")
         nodes.check_same_frame(volume_node, prompt.node)
         if prompt.kind == "scribble" and not nodes.segment_mask(prompt.node, prompt.segment_id, volume_node).any():
