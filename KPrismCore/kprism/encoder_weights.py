@@ -49,6 +49,22 @@ def _tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return tensors_sha256(tensors)
 
 
+def encoder_id(encoder: TinyViT) -> str:
+    """The id an encoder's embedding cache is keyed by: the tensor hash of its weights as an encoder file holds them.
+
+    Floating-point tensors that float16 represents exactly are hashed as float16, so an encoder loaded from the
+    float16 file — alone or inside a `medsam` model trained on it — has that file's `tensors_sha256`, and
+    inference finds the entries the training cache fill stored. Other weights hash as they are.
+    """
+    tensors = {}
+    for name, tensor in encoder.state_dict().items():
+        if tensor.is_floating_point():
+            half = tensor.detach().cpu().half()
+            tensor = half if torch.equal(half.float(), tensor.detach().cpu().float()) else tensor
+        tensors[name] = tensor
+    return _tensor_hash(tensors)
+
+
 def _file_hash(path: Path) -> str:
     from kprism.weights import file_sha256
 

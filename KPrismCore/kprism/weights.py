@@ -328,10 +328,13 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     expected_sha256: str | None = None,
+    embedding_cache: bool | None = None,
 ) -> tuple[nn.Module, ClassCatalog, Checkpoint]:
     """Build the model a checkpoint describes and load its weights strictly, in eval mode.
 
-    `source` is a file path or a model name (see `resolve_weights`); nothing is downloaded.
+    `source` is a file path or a model name (see `resolve_weights`); nothing is downloaded. A model on a
+    foundation encoder keeps its slice embeddings in the on-disk cache (`kprism.embedding_cache`) unless
+    `embedding_cache` is False or $KPRISM_EMBEDDING_CACHE is "off": a slice seen before is read, not encoded.
     """
     # Imported on use: finding, hashing and downloading weights never need the network code, and
     # kprism.model stays free to import this module without a cycle.
@@ -348,6 +351,10 @@ def load_model(
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as error:  # same keys, so a shape mismatch
         raise WeightsError(f"{checkpoint.path} does not fit the model its config describes: {error}") from error
+    if embedding_cache is None:
+        embedding_cache = os.environ.get("KPRISM_EMBEDDING_CACHE", "").strip().lower() != "off"
+    if embedding_cache and checkpoint.config.foundation:
+        model.encoder.use_disk_cache()
     return model.to(device).eval(), checkpoint.catalog, checkpoint
 
 

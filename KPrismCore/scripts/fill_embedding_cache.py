@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from kprism.data.slices import training_cases  # noqa: E402
 from kprism.medsam_preprocess import CT_WINDOWS  # noqa: E402
 from kprism.preprocess import CT_NAMES  # noqa: E402
-from kprism.train.embedding_cache import EmbeddingCache  # noqa: E402
+from kprism.embedding_cache import EmbeddingCache  # noqa: E402
 from kprism.train.encoder_slices import LAYOUTS, encoder_training_slices  # noqa: E402
 from kprism.user_cache import user_cache_dir  # noqa: E402
 
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log", type=Path, help="append progress lines to this file")
     parser.add_argument("--every", type=int, default=20, help="log every N slices")
+    parser.add_argument("--per-dataset", type=int, help="encode at most this many inputs per dataset (the first ones of the walk): "
+                        "a quick, even start over many datasets; training uses whatever is cached")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log_file = args.log.open("a", buffering=1) if args.log else None
@@ -70,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} thread(s)")
     start, done, encode_seconds = time.perf_counter(), 0, 0.0
     current = ""
+    taken = 0
     for item in encoder_training_slices(args.datasets, args.split, args.axis, args.ct_windows, layout=args.input):
         if item.dataset != current:
-            current = item.dataset
+            current, taken = item.dataset, 0
             log(f"{current}: starting at {done}/{total}")
+        taken += 1
+        if args.per_dataset is not None and taken > args.per_dataset:
+            done += 1
+            continue
         before = cache.encoded
         tick = time.perf_counter()
         cache.get(item.image, item.info())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 # Set before torch starts its thread pool: spinning OpenMP threads slow everything else 3-35×.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Foundation models keep encoder embeddings on disk; tests never write into the user's cache.
+os.environ["KPRISM_EMBEDDING_CACHE"] = tempfile.mkdtemp(prefix="kprism-test-embeddings-")
 
 import torch  # noqa: E402
 

@@ -12,7 +12,7 @@ import torch
 
 from kprism.data.slices import build_slice_bank
 from kprism.model.tiny_vit import TinyViT, TinyViTConfig
-from kprism.train.embedding_cache import CACHE_ENV, EmbeddingCache, content_key, default_cache_root
+from kprism.embedding_cache import CACHE_ENV, EmbeddingCache, content_key, default_cache_root
 from kprism.train.encoder_slices import encoder_training_slices
 from kprism.user_cache import CACHE_ENV as USER_CACHE_ENV
 

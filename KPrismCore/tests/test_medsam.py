@@ -18,7 +18,7 @@ from kprism.model.foundation_input import foundation_input, looks_like_ct
 from kprism.model.tiny_vit import TinyViTConfig
 from kprism.preprocess import normalize_slice, resize_image
 from kprism.train.embedded_bank import build_embedded_bank, cached_key
-from kprism.train.embedding_cache import EmbeddingCache
+from kprism.embedding_cache import EmbeddingCache
 from kprism.train.tasks import TaskConfig, TaskSampler
 from kprism.train.trainer import TrainConfig, Trainer
 from kprism.weights import WeightsError, load_model, save_checkpoint
@@ -103,7 +103,7 @@ def test_one_file_holds_the_whole_model_and_loads_strictly(tmp_path):
     model = small_medsam()
     path = tmp_path / "medsam.safetensors"
     save_checkpoint(model, path, model.config, ClassCatalog.from_names(["a", "b", "c"]))
-    loaded, catalog, _ = load_model(path)
+    loaded, catalog, _ = load_model(path, embedding_cache=False)  # bit-equal: no float16 embeddings from disk
     assert any(k.startswith("encoder.vit.") for k in loaded.state_dict())
     images = resize_image(normalize_slice(ct_slice(), "ct"), 64)[None]
     prompts = Prompts(class_ids=torch.tensor([1]))
@@ -116,6 +116,38 @@ def test_one_file_holds_the_whole_model_and_loads_strictly(tmp_path):
     save_file(tensors, tmp_path / "broken.safetensors", metadata={**json.loads(json.dumps(_metadata(path)))})
     with pytest.raises(WeightsError, match="encoder.vit.neck.0.weight"):
         load_model(tmp_path / "broken.safetensors")
+
+
+def test_a_loaded_model_reads_a_slice_seen_before_from_disk_under_the_training_fills_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("KPRISM_EMBEDDING_CACHE", str(tmp_path / "cache"))
+    model = small_medsam()
+    with torch.no_grad():  # weights as the float16 encoder file holds them
+        for tensor in model.encoder.vit.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    save_encoder({k: v.half() if v.is_floating_point() else v for k, v in model.encoder.vit.state_dict().items()},
+                 tmp_path / "vit.safetensors", VIT, {"source": "test"})
+    path = tmp_path / "medsam.safetensors"
+    save_checkpoint(model, path, model.config, ClassCatalog.from_names(["a", "b", "c"]))
+    images = resize_image(normalize_slice(ct_slice(), "ct"), 64)[None]
+    prompts = Prompts(class_ids=torch.tensor([1]))
+
+    first, _, _ = load_model(path)
+    with torch.no_grad():
+        expected, got_first = model(images, prompts).logits, first(images, prompts).logits
+    assert first.encoder.disk_cache.encoded == 1
+    fill = EmbeddingCache.from_encoder_file(tmp_path / "vit.safetensors")  # what the training fill would use
+    assert fill.folder == first.encoder.disk_cache.folder and fill.has(foundation_input(images)[0])
+
+    reopened, _, _ = load_model(path)  # a new session on the same case: read, not encoded
+    with torch.no_grad():
+        got_again = reopened(images, prompts).logits
+    assert reopened.encoder.disk_cache.encoded == 0
+    assert torch.equal(got_again, got_first)
+    assert (got_first - expected).abs().max() < 0.05 * expected.abs().max()  # float16 embedding, same answer
+
+    monkeypatch.setenv("KPRISM_EMBEDDING_CACHE", "off")
+    assert load_model(path)[0].encoder.disk_cache is None
 
 
 def _metadata(path) -> dict[str, str]:

@@ -13,7 +13,8 @@ MoE decoder, mask, quality and class heads — and every caller (sessions, cache
 The TinyViT never trains (`requires_grad` off, always in eval mode so its batch-norm statistics
 stay the released ones), which lets training read its embeddings from an on-disk cache instead of
 running it (`from_embedding`); `forward` and `from_embedding` give the same numbers for the same
-embedding.
+embedding. At inference the same cache (`use_disk_cache`) makes a slice seen before — a reopened
+case, a rerun, a slice trained on — cost a file read instead of seconds of encoding.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ class FoundationEncoder(nn.Module):
         self.project16 = nn.Conv2d(vit_config.embed_dim, d, 1)
         self.down16 = nn.Conv2d(c8, d, 3, 2, 1)
         self.context = GlobalContext(d, config.decoder_heads)
+        self.disk_cache = None  # an EmbeddingCache once use_disk_cache is called; not part of the weights
+
+    def use_disk_cache(self, root=None):
+        """Read and store TinyViT embeddings in the on-disk cache (keyed by the exact encoder input); returns it.
+
+        `root` defaults to $KPRISM_EMBEDDING_CACHE or the kprism user cache. Entries hold float16 (the numbers
+        training saw); a 256² slice takes 2 MB, so a 300-slice CT about 0.6 GB.
+        """
+        from ..embedding_cache import EmbeddingCache
+        from ..encoder_weights import encoder_id
+
+        self.disk_cache = EmbeddingCache(self.vit, encoder_id(self.vit), root=root)
+        return self.disk_cache
 
     def train(self, mode: bool = True) -> "FoundationEncoder":
         super().train(mode)
@@ -64,7 +78,11 @@ class FoundationEncoder(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen TinyViT embedding (B, 256, G, G) of KPrism-normalised slices (what the cache stores)."""
         with torch.no_grad():
-            return self.vit(foundation_input(images)).embedding
+            inputs = foundation_input(images)
+            if self.disk_cache is None:
+                return self.vit(inputs).embedding
+            entries = self.disk_cache.get_many(list(inputs))
+            return torch.stack([entry.embedding for entry in entries]).to(device=images.device, dtype=torch.float32)
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         return self.from_embedding(images, self.embed(images))

@@ -29,7 +29,7 @@ from ..data.slices import SliceBank, _resize_labels, training_cases
 from ..medsam_preprocess import encoder_input
 from ..model.foundation_input import foundation_input
 from ..preprocess import CT_NAMES, resize_image
-from .embedding_cache import EmbeddingCache
+from ..embedding_cache import EmbeddingCache
 
 CT_WINDOW = "soft_tissue"  # the CT window `model.foundation_input` feeds the encoder (for letterboxed entries)
 

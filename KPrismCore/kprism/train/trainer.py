@@ -388,7 +388,7 @@ def _foundation_cache(config: TrainConfig):
     """The embedding cache of the foundation encoder named by the config, and that encoder's tensors."""
     from ..encoder_weights import load_tiny_vit
     from ..user_cache import user_cache_dir
-    from .embedding_cache import EmbeddingCache
+    from ..embedding_cache import EmbeddingCache
 
     path = config.foundation_encoder or user_cache_dir("encoders", "litemedsam-tinyvit-fp16.safetensors")
     encoder, metadata = load_tiny_vit(path)  # checks the file's format and tensor hash

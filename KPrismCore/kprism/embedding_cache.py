@@ -28,9 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
-from ..model.tiny_vit import TinyViT, fast_float32_encoder
-from ..user_cache import user_cache_dir
+from .atomic import atomic_path
+from .model.tiny_vit import TinyViT, fast_float32_encoder
+from .user_cache import user_cache_dir
 
 CACHE_ENV = "KPRISM_EMBEDDING_CACHE"
 KEY_VERSION = "kprism-embedding/1"
@@ -89,7 +89,7 @@ class EmbeddingCache:
     @classmethod
     def from_encoder_file(cls, path: str | os.PathLike, **options) -> "EmbeddingCache":
         """A cache for the encoder in a converted weights file (`kprism.encoder_weights`), keyed by its tensor hash."""
-        from ..encoder_weights import load_tiny_vit
+        from .encoder_weights import load_tiny_vit
 
         encoder, metadata = load_tiny_vit(path)
         return cls(encoder, metadata["tensors_sha256"], **options)
