@@ -90,6 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           help="clicks per target (default 20; 5 with --protocol cvpr25)")
     evaluate.add_argument("--references", default="1,2", help="in-context reference counts, e.g. 1,2")
     evaluate.add_argument("--max-cases", type=int, help="evaluate only the first N cases of each dataset")
+    evaluate.add_argument("--case", action="append", metavar="DATASET/CASE",
+                          help="evaluate only this case of that dataset, from any split (repeatable), e.g. a case "
+                               "held out of a model's training: Dataset006_TotalSegCT/ts_ct_002")
     evaluate.add_argument("--max-slices", type=int, default=5, help="labelled slices per label and volume (default 5)")
     evaluate.add_argument("--json", help="write the summary (and per-item scores) here")
     evaluate.add_argument("--report", help="write report.md and click-curve plots into this folder")
@@ -244,6 +247,17 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chosen_cases(values: Optional[list[str]]) -> dict[str, list[str]]:
+    """--case DATASET/CASE values → {dataset name: [case ids]}."""
+    chosen: dict[str, list[str]] = {}
+    for value in values or []:
+        dataset, _, case = value.partition("/")
+        if not dataset or not case:
+            raise ValueError(f"--case takes DATASET/CASE, e.g. Dataset006_TotalSegCT/ts_ct_002; got {value!r}.")
+        chosen.setdefault(dataset, []).append(case)
+    return chosen
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .data.nnunet_v2 import load_dataset
     from .evaluate.protocols import MODES, Timings, evaluate_dataset, summarise
@@ -264,22 +278,27 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         modes = tuple(m for m in MODES if m != "onepass" or has_head) if args.mode == "all" else (args.mode,)
     report: dict = {"model": str(args.model or "kprism-tiny"), "protocol": args.protocol, "clicks": clicks, "datasets": {}}
-    for folder in args.dataset:
-        dataset = load_dataset(folder)
+    chosen = _chosen_cases(args.case)
+    datasets = [load_dataset(folder) for folder in args.dataset]
+    stray = sorted(set(chosen) - {d.name for d in datasets})
+    if stray:
+        raise ValueError(f"--case names {', '.join(stray)}, which is not among the --dataset folders.")
+    for dataset in datasets:
+        case_ids = chosen.get(dataset.name)
         if args.protocol == "cvpr25":
-            volumes = evaluate_volumes(session, dataset, max_cases=args.max_cases, modes=modes, clicks=clicks,
+            volumes = evaluate_volumes(session, dataset, max_cases=args.max_cases, modes=modes, clicks=clicks, case_ids=case_ids,
                                        progress=lambda what: print(f"  {what}", file=sys.stderr))
-            report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), "modes": summarise_volumes(volumes),
+            report["datasets"][dataset.name] = {"split": ", ".join(case_ids) if case_ids else dataset.evaluation_split(), "modes": summarise_volumes(volumes),
                                                 "items": [vars(v) for v in volumes]}
             print(f"{dataset.name}: " + json.dumps(report["datasets"][dataset.name]["modes"]))
             continue
         timings = Timings()
         items = evaluate_dataset(session, dataset, modes, rule=args.protocol, max_clicks=clicks,
                                  references=[int(r) for r in args.references.split(",")], max_cases=args.max_cases,
-                                 max_slices_per_label=args.max_slices, timings=timings,
+                                 max_slices_per_label=args.max_slices, timings=timings, case_ids=case_ids,
                                  progress=lambda what: print(f"  {what}", file=sys.stderr))
         summary = summarise(items, timings)
-        report["datasets"][dataset.name] = {"split": dataset.evaluation_split(), "modes": summary,
+        report["datasets"][dataset.name] = {"split": ", ".join(case_ids) if case_ids else dataset.evaluation_split(), "modes": summary,
                                             "items": [vars(i) for i in items]}
         print(f"{dataset.name}: " + json.dumps({m: round(v["dice_mean"], 4) for m, v in summary.items()}))
     if args.json:

@@ -190,3 +190,18 @@ def test_eval_command_scores_the_chained_mode(tmp_path):
                  "--threads", "1"]) == 0
     modes = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["datasets"]["Dataset900_Shapes"]["modes"]
     assert set(modes) == {"chained"} and modes["chained"]["targets"] == 4 and set(modes["chained"]["dice_at_clicks"]) == {"1"}
+
+
+def test_eval_command_scores_only_the_named_case_from_any_split_and_refuses_unknown_ones(tmp_path, capsys):
+    root = make_shapes_dataset(tmp_path / "Dataset900_Shapes", cases=3)
+    dataset = load_dataset(root)
+    held_out = dataset.cases("train")[1].case_id
+    assert len(dataset.cases(dataset.evaluation_split())) == 3
+    assert main(["eval", "--dataset", str(root), "--mode", "interactive", "--clicks", "1", "--case",
+                 f"Dataset900_Shapes/{held_out}", "--json", str(tmp_path / "r.json"), "--threads", "1"]) == 0
+    entry = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["datasets"]["Dataset900_Shapes"]
+    assert entry["split"] == held_out and {item["case_id"] for item in entry["items"]} == {held_out}
+    assert main(["eval", "--dataset", str(root), "--case", "Dataset900_Shapes/nobody", "--threads", "1"]) != 0
+    assert "has no case nobody" in capsys.readouterr().err
+    assert main(["eval", "--dataset", str(root), "--case", "Dataset999_Other/x", "--threads", "1"]) != 0
+    assert "not among the --dataset folders" in capsys.readouterr().err

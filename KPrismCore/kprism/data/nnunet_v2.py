@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -57,6 +57,16 @@ class SegmentationDataset:
         if split not in _NNUNET_FOLDERS:
             raise ValueError(f"Unknown split {split!r}; use 'train' or 'test'.")
         return list(self._splits.get(split, []))
+
+    def select(self, split: Split, case_ids: Optional[Sequence[str]] = None) -> list[Case]:
+        """The split's cases, or the named cases from any split (a held-out case for a check), in the order given."""
+        if case_ids is None:
+            return self.cases(split)
+        cases = {c.case_id: c for part in _NNUNET_FOLDERS for c in self.cases(part)}
+        missing = [c for c in case_ids if c not in cases]
+        if missing:
+            raise ValueError(f"{self.name} has no case {', '.join(missing)}; it has {', '.join(sorted(cases)[:8])}….")
+        return [cases[c] for c in dict.fromkeys(case_ids)]
 
     def evaluation_split(self) -> Split:
         """``"test"`` when the dataset has labelled test cases, else ``"train"`` (the only data there is)."""

@@ -105,8 +105,12 @@ def evaluate_dataset(
     labels: Optional[Sequence[str]] = None,
     progress: Optional[Callable[[str], None]] = None,
     timings: Optional[Timings] = None,
+    case_ids: Optional[Sequence[str]] = None,
 ) -> list[Item]:
-    """Scores every (case, label, slice) item in the requested modes. Returns the items with scores."""
+    """Scores every (case, label, slice) item in the requested modes. Returns the items with scores.
+
+    `case_ids` scores only those cases (from any split: a case held out of a model's training); in-context
+    references then come from the split's other cases."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {MODES}.")
@@ -115,10 +119,10 @@ def evaluate_dataset(
     if "onepass" in modes and session.model.class_head is None:
         raise ValueError("Mode 'onepass' needs a model with the one-pass class head; this one has none.")
     split = split or dataset.evaluation_split()
-    cases = dataset.cases(split)[: max_cases or None]
+    cases = dataset.select(split, case_ids)[: max_cases or None]
     if not cases:
         raise ValueError(f"{dataset.name} has no cases in the {split!r} split.")
-    picker = ReferencePicker(dataset, dataset.cases("train") if split == "test" else cases)
+    picker = ReferencePicker(dataset, dataset.cases("train") if split == "test" or case_ids else cases)
     wanted = {n: v for n, v in dataset.labels.items() if labels is None or n in labels}
     timings = timings if timings is not None else Timings()
     items: list[Item] = []

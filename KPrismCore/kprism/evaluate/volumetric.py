@@ -95,7 +95,7 @@ def evaluate_volumes(session: KPrismSession, dataset: SegmentationDataset, label
     if clicks < 1:
         raise ValueError(f"Give at least one click per structure; got {clicks}.")
     split = dataset.evaluation_split()
-    cases = _cases(dataset, split, case_ids)[: max_cases or None]
+    cases = dataset.select(split, case_ids)[: max_cases or None]
     picker = ReferencePicker(dataset, dataset.cases("train") if split == "test" else dataset.cases(split))
     items = []
     for case in cases:
@@ -115,17 +115,6 @@ def evaluate_volumes(session: KPrismSession, dataset: SegmentationDataset, label
                 if item is not None:
                     items.append(item)
     return items
-
-
-def _cases(dataset: SegmentationDataset, split: str, case_ids: Optional[Sequence[str]]):
-    """The split's cases, or the named ones from any split (a held-out case for a check)."""
-    if case_ids is None:
-        return dataset.cases(split)
-    cases = {c.case_id: c for part in ("train", "test") for c in dataset.cases(part)}
-    missing = [c for c in case_ids if c not in cases]
-    if missing:
-        raise ValueError(f"{dataset.name} has no case {', '.join(missing)}.")
-    return [cases[c] for c in dict.fromkeys(case_ids)]
 
 
 def _score(session: KPrismSession, truth: np.ndarray, spacing, mode: str, name: str, value: int, case_id: str,
