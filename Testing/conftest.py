@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Foundation models keep encoder embeddings on disk; tests never write into the user's cache.
+os.environ["KPRISM_EMBEDDING_CACHE"] = tempfile.mkdtemp(prefix="kprism-test-embeddings-")
 
 import torch  # noqa: E402
 

@@ -30,6 +30,7 @@ import slicer
 from . import effect_geometry, nodes
 from .effect_markers import Marker, Markers
 from .logic import KPrismLogic
+from .prefetch import SlicePrefetcher
 from .prompts import Prompt, PromptResult, check_point
 from .nodes import InputError
 from .worker import JobCancelled, ModelWorker, shared_worker
@@ -107,6 +108,7 @@ class EffectLogic:
         self._actions: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
         self._running: Optional[str] = None
         self._observed: dict[int, tuple[Any, int]] = {}
+        self.prefetcher = SlicePrefetcher(self.worker)  # the slices around the last prompt, in idle time
 
     @property
     def logic(self) -> KPrismLogic:
@@ -127,6 +129,7 @@ class EffectLogic:
 
     def release(self) -> None:
         """Forget the current segment's prompts and remove their markers (queued work still finishes)."""
+        self.prefetcher.stop()
         if self.state is not None:
             self._unobserve_all()
             self.state.markers.clear()
@@ -297,7 +300,9 @@ class EffectLogic:
                         state.markers.discard(dropped.marker)
                     state.undone.clear()
                 self._report_result(state, result)
-                self._step_done()
+                self._step_done()  # the next gesture's job is queued first, the prefetch behind it
+                if result is not None and result.slices and session.encoded is not None:
+                    self.prefetcher.around(session.encoded, result.axis, result.slices[0])
 
             def failed(error: BaseException) -> None:
                 state.markers.discard(entry.marker)
