@@ -199,7 +199,9 @@ def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as CPU, contiguous tensors, none sharing memory, as safetensors requires.
 
     Tied weights are written once per name (cloned), so the file loads with strict=True into a
-    freshly built model, which ties them again itself.
+    freshly built model, which ties them again itself. A float32 tensor whose every value float16
+    holds exactly (a foundation encoder converted from float16 weights) is stored as float16:
+    lossless, and it halves the bulk of a `medsam` file; loading casts it back.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
@@ -209,6 +211,10 @@ def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if storage in seen_storages:
             tensor = tensor.clone()
         seen_storages.add(storage)
+        if tensor.dtype == torch.float32 and tensor.numel() > 1:
+            half = tensor.half()
+            if torch.equal(half.float(), tensor):
+                tensor = half
         tensors[name] = tensor
     return tensors
 

@@ -132,7 +132,11 @@ def test_a_loaded_model_reads_a_slice_seen_before_from_disk_under_the_training_f
     images = resize_image(normalize_slice(ct_slice(), "ct"), 64)[None]
     prompts = Prompts(class_ids=torch.tensor([1]))
 
+    from safetensors.torch import load_file
+    stored = load_file(path)  # the float16-exact encoder is stored as float16 (half the file), losslessly
+    assert stored["encoder.vit.neck.0.weight"].dtype == torch.float16
     first, _, _ = load_model(path)
+    assert torch.equal(first.encoder.vit.neck[0].weight, model.encoder.vit.neck[0].weight)
     with torch.no_grad():
         expected, got_first = model(images, prompts).logits, first(images, prompts).logits
     assert first.encoder.disk_cache.encoded == 1
