@@ -25,7 +25,24 @@ DATASET_TERMS = {
     "Dataset020_HC18FetalHead": ("fetal head", "ultrasound", "CC BY 4.0"),
     "Dataset021_MoNuSegNuclei": ("nuclei", "pathology", "CC BY-NC-SA 4.0 (uncertain)"),
     "Dataset022_ACDCCardiacMRI": ("RV, myocardium, LV", "cine MRI", "CC BY-NC-SA 4.0 (uncertain)"),
+    "Dataset032_LeftAtrium2018": ("left atrium", "LGE MRI", "research use; no data licence stated (uncertain)"),
 }
+
+
+def _architecture(checkpoint, preset: str, parameters: int) -> str:
+    config = checkpoint.config
+    decoder = (f"sparse and dense prompt encoders, reference fusion, {config.decoder_layers}-layer two-way decoder with "
+               f"{config.num_experts}-expert top-{config.expert_top_k} MoE feed-forward blocks, mask and quality heads"
+               f"{', one-pass class head' if config.class_head else ''}")
+    if config.foundation:
+        frozen = sum(t.numel() for name, t in checkpoint.state_dict.items()
+                     if name.startswith("encoder.vit.") and t.is_floating_point())
+        return (f"K-Prism `{preset}` preset, {parameters / 1e6:.2f} M parameters, {config.image_size}² input: "
+                f"LiteMedSAM's TinyViT image encoder ({frozen / 1e6:.2f} M parameters, frozen, released weights), "
+                f"a trainable convolutional stem for stride-2/4 detail and adapters from its 256×64×64 embedding to "
+                f"strides 4–16, then {decoder}")
+    return (f"K-Prism `{preset}` preset, {parameters / 1e6:.2f} M parameters, {config.image_size}² input: "
+            f"depthwise-separable conv encoder with global attention (strides 2–16), {decoder}")
 
 
 def training_stages(training: dict) -> list[dict]:
@@ -71,12 +88,14 @@ def model_card(weights: Path, evaluation: dict, configs: list[str], curve_png: s
     data_rows = "\n".join(f"| {name} | {what} | {modality} | {terms} |" for name, (what, modality, terms) in DATASET_TERMS.items()
                           if name in first.get("datasets", []))
     curve = f"\n![learning curve]({curve_png})\n" if curve_png else ""
+    stored = sorted({str(t.dtype).removeprefix("torch.") for t in checkpoint.state_dict.values() if t.is_floating_point()})
+    dtypes = " and ".join(stored) + (" (the float16 tensors are the converted encoder, stored losslessly)" if len(stored) > 1 else "")
     return f"""# Model card: {weights.stem}
 
 | | |
 |---|---|
-| file | `{weights.name}` ({size_mb:.1f} MB, float32), sha256 `{checkpoint.sha256}`; tensor data sha256 `{checkpoint.tensors_sha256}` (recorded in the file, checked on every load) |
-| architecture | K-Prism `{training.get('preset', '?')}` preset, {parameters / 1e6:.2f} M parameters, {checkpoint.config.image_size}² input: depthwise-separable conv encoder with global attention (strides 2–16), sparse and dense prompt encoders, reference fusion, {checkpoint.config.decoder_layers}-layer two-way decoder with {checkpoint.config.num_experts}-expert top-{checkpoint.config.expert_top_k} MoE feed-forward blocks, mask and quality heads{", one-pass class head" if checkpoint.config.class_head else ""} |
+| file | `{weights.name}` ({size_mb:.1f} MB, {dtypes}), sha256 `{checkpoint.sha256}`; tensor data sha256 `{checkpoint.tensors_sha256}` (recorded in the file, checked on every load) |
+| architecture | {_architecture(checkpoint, training.get('preset', '?'), parameters)} |
 | intended use | research; the `kprism` CLI, demo and the Slicer module on a CPU or GPU |
 | not for | clinical decisions |
 
