@@ -5,8 +5,10 @@
 
 On shared test splits (and the held-out TotalSeg CT volume, which no model but `kprism-tiny` was trained on):
 - **absent class**: each image or slice asked for classes it does not show (half from its own dataset's label
-  list, half from the whole catalog): share of requests answered with < 1 % of the image, and share whose
-  quality flags the answer (< 0.3, or NaN: "not found"), per semantic engine the model has;
+  list, half from the whole catalog; a 2D picture also for two other 2D datasets' main structures, e.g. a
+  fetal head on a chest X-ray): share of requests answered with < 1 % of the image, and share whose
+  quality flags the answer (< 0.3, or NaN: "not found"), per semantic engine the model has, for all
+  requests and apart for volume anatomy and for other pictures' main structures;
 - **one-lung reference**: a chest X-ray reference marking one lung (counted from the image's left) on every
   test X-ray: Dice to the same lung, share ≥ 0.90, and the share of the *other* lung covered (< 0.10 wanted);
 - **foreign reference**: a reference from an unrelated kind of image (X-ray lungs on ultrasound, a fetal head
@@ -26,9 +28,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from kprism.data.interaction import dice, first_click  # noqa: E402
+from kprism.data.parts import ordered_parts as parts  # noqa: E402
 from kprism.data.nnunet_v2 import load_dataset  # noqa: E402
 from kprism.evaluate.clickers import SliceClicker, source_slice  # noqa: E402
 from kprism.session import KPrismSession  # noqa: E402
@@ -43,17 +45,6 @@ EMPTY = 0.01  # share of the image below which an answer counts as "nothing"
 
 def flagged(quality: float) -> bool:
     return not np.isfinite(quality) or quality < FLAG
-
-
-def parts(mask: np.ndarray, min_share: float = 0.1) -> list[np.ndarray]:
-    """Connected parts (each ≥ min_share of the largest), ordered by centre column: part 0 is the image's left."""
-    labelled, count = ndimage.label(mask)
-    if count < 2:
-        return []
-    sizes = ndimage.sum_labels(np.ones_like(labelled), labelled, range(1, count + 1))
-    keep = [i + 1 for i in range(count) if sizes[i] >= min_share * sizes.max()]
-    centres = ndimage.center_of_mass(np.ones_like(labelled), labelled, keep)
-    return [labelled == k for k, _ in sorted(zip(keep, centres), key=lambda item: item[1][1])]
 
 
 class Images:
@@ -79,18 +70,25 @@ class Images:
 
 def absent_class(session: KPrismSession, images: Images, rng: np.random.Generator, per_image: int) -> dict:
     engines = ["prompted"] + (["one_pass"] if session.model.class_head is not None else [])
+    main_2d = {n for name in (CXR, HEAD, LESION, "Dataset002_DRIVE", "Dataset004_ISBI2012EM", "Dataset005_KvasirMini",
+                              "Dataset021_MoNuSegNuclei") for n in images.dataset(name).labels if n != "background"}
     rows = []
 
     def ask(index, shown: set[str], own: list[str], truth_of=None):
         own_absent = [n for n in own if n not in shown and n in session.catalog.names]
         anywhere = [n for n in session.catalog.names if n not in shown]
+        other_main = sorted(main_2d - shown) if index is None else []  # a 2D picture: also other pictures' main structures
+        names: list[str] = []
         for k in range(per_image):
             pool = own_absent if own_absent and k % 2 == 0 else anywhere
-            name = str(pool[rng.integers(len(pool))])
+            names.append(str(pool[rng.integers(len(pool))]))
+        names += [str(n) for n in rng.choice(other_main, min(2, len(other_main)), replace=False)] if other_main else []
+        for name in names:
             for engine in engines:
                 result = session.segment_semantic([name], slices=None if index is None else [index], engine=engine)[name]
                 mask = truth_of(result.mask) if truth_of else result.mask.astype(bool)
-                rows.append({"engine": engine, "name": name, "area": float(mask.mean()), "quality": result.quality})
+                rows.append({"engine": engine, "name": name, "area": float(mask.mean()), "quality": result.quality,
+                             "kind": "another picture's main structure" if name in main_2d else "volume anatomy"})
 
     for name in (CXR, HEAD, LESION):
         ds = images.dataset(name)
@@ -111,10 +109,12 @@ def absent_class(session: KPrismSession, images: Images, rng: np.random.Generato
             ask(index, shown, [n for n in ds.labels if n != "background"], truth_of=clicker.truth_of)
     out = {}
     for engine in engines:
-        mine = [r for r in rows if r["engine"] == engine]
-        out[engine] = {"requests": len(mine), "under_1pct": float(np.mean([r["area"] < EMPTY for r in mine])),
-                       "mean_area": float(np.mean([r["area"] for r in mine])),
-                       "flagged": float(np.mean([flagged(r["quality"]) for r in mine]))}
+        for kind in ("all", "volume anatomy", "another picture's main structure"):
+            mine = [r for r in rows if r["engine"] == engine and kind in ("all", r["kind"])]
+            if mine:
+                out[f"{engine}, {kind}"] = {"requests": len(mine), "under_1pct": float(np.mean([r["area"] < EMPTY for r in mine])),
+                                            "mean_area": float(np.mean([r["area"] for r in mine])),
+                                            "flagged": float(np.mean([flagged(r["quality"]) for r in mine]))}
     return out
 
 

@@ -13,9 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..catalog import ClassCatalog
+from ..data.parts import ordered_parts
 from ..data.slices import SliceBank
 
 MIN_SLICE_DISTANCE = 3  # a same-volume reference must be at least this many slices away
@@ -23,19 +23,13 @@ ABSENT = -1  # label value of a class asked for on a slice that does not show it
 
 
 def mask_parts(bank: SliceBank, slice_id: int, value: int, min_share: float = 0.1) -> list[torch.Tensor]:
-    """The connected parts of a label on a slice (each ≥ `min_share` of the largest), as (S, S) soft
-    masks ordered by their centre column: "the first part" means the same side on every image."""
+    """The connected parts of a label on a slice (`ordered_parts`) as (S, S) soft masks at the bank's size:
+    "the first part" means the same side on every image."""
     if value == ABSENT:
         return []
-    labelled, count = ndimage.label((bank.labels[slice_id] == value).numpy())
-    if count < 2:
-        return []
-    sizes = ndimage.sum_labels(np.ones_like(labelled), labelled, range(1, count + 1))
-    keep = [i + 1 for i in range(count) if sizes[i] >= min_share * sizes.max()]
-    columns = ndimage.center_of_mass(np.ones_like(labelled), labelled, keep)
     parts = []
-    for part, _ in sorted(zip(keep, columns), key=lambda item: item[1][1]):
-        mask = torch.from_numpy(labelled == part).float()
+    for part in ordered_parts((bank.labels[slice_id] == value).numpy(), min_share):
+        mask = torch.from_numpy(part).float()
         parts.append(F.avg_pool2d(mask[None, None], bank.label_scale)[0, 0] if bank.label_scale > 1 else mask)
     return parts
 
