@@ -28,7 +28,7 @@ from torch import nn
 from .config import KPrismConfig
 from .encoder import GlobalContext, ImageFeatures, SeparableBlock, conv_bn_act
 from .foundation_input import foundation_input
-from .tiny_vit import TinyViT, TinyViTConfig
+from .tiny_vit import TinyViT, TinyViTConfig, fast_float32_encoder
 
 
 class FoundationEncoder(nn.Module):
@@ -52,6 +52,8 @@ class FoundationEncoder(nn.Module):
         self.down16 = nn.Conv2d(c8, d, 3, 2, 1)
         self.context = GlobalContext(d, config.decoder_heads)
         self.disk_cache = None  # an EmbeddingCache once use_disk_cache is called; not part of the weights
+        self._fast: list[TinyViT] = []  # the folded channels-last copy inference runs (a list: not a submodule)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._fast.clear())  # new weights: rebuild it
 
     def use_disk_cache(self, root=None):
         """Read and store TinyViT embeddings in the on-disk cache (keyed by the exact encoder input); returns it.
@@ -80,9 +82,16 @@ class FoundationEncoder(nn.Module):
         with torch.no_grad():
             inputs = foundation_input(images)
             if self.disk_cache is None:
-                return self.vit(inputs).embedding
+                return self._fast_vit()(inputs.contiguous(memory_format=torch.channels_last)).embedding
             entries = self.disk_cache.get_many(list(inputs))
             return torch.stack([entry.embedding for entry in entries]).to(device=images.device, dtype=torch.float32)
+
+    def _fast_vit(self) -> TinyViT:
+        """Batch norms folded, channels-last (`fast_float32_encoder`): 1.6× faster, within 5e-6; built on first use."""
+        device = next(self.vit.parameters()).device
+        if not self._fast or next(self._fast[0].parameters()).device != device:  # first use, or the model moved
+            self._fast[:] = [fast_float32_encoder(self.vit)]
+        return self._fast[0]
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         return self.from_embedding(images, self.embed(images))
