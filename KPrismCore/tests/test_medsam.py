@@ -258,17 +258,20 @@ def test_a_foreign_reference_asks_for_nothing_and_a_part_reference_for_the_same_
     for query, refs, target in zip(batch.query_ids, batch.ref_ids, batch.targets):
         assert bank.records[refs[0]].dataset != bank.records[query].dataset and target.sum() == 0
 
-    parts = TaskSampler(bank, catalog, TaskConfig(semantic=0.0, in_context=1.0, interactive=0.0, part_reference_rate=1.0), seed=3)
+    parts = TaskSampler(bank, catalog, TaskConfig(semantic=0.0, in_context=1.0, interactive=0.0, part_reference_rate=1.0,
+                                                  references=2), seed=3)
     seen_sides = set()
     for _ in range(6):
         batch = parts.sample(4)
-        for name, query, masks, target in zip(batch.class_names, batch.query_ids, batch.ref_masks, batch.targets):
+        for name, query, refs, masks, target in zip(batch.class_names, batch.query_ids, batch.ref_ids, batch.ref_masks,
+                                                    batch.targets):
             if name != "lung":
                 continue
             full = bank.mask(query, 1)
             assert 0 < target.sum() < full.sum() and torch.all(target <= full)  # one lung of the two
             side = lambda m: float((m.sum(0) * torch.arange(32)).sum() / m.sum()) < 16  # noqa: E731 - left half?
-            assert side(target) == side(masks[0])  # the same lung as the reference marks
+            assert side(target) == side(masks[0]) == side(masks[1])  # the same lung as every reference marks
+            assert all(0 < m.sum() < bank.mask(r, 1).sum() for m, r in zip(masks, refs))  # each marks one lung only
             seen_sides.add(side(target))
     assert seen_sides == {True, False}
 

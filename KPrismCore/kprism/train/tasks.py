@@ -152,10 +152,9 @@ class TaskSampler:
                         refs, ref_masks = [foreign] * c.references, [self.bank.mask(*foreign)] * c.references
                         batch.targets[n] = 0  # nothing on the query looks like what the reference marks
                 elif c.part_reference_rate and self.rng.random() < c.part_reference_rate:
-                    parts = self._matching_parts(query, values[n], refs[0])
+                    parts = self._matching_parts(query, values[n], refs)
                     if parts is not None:
-                        ref_masks = [parts[0]] + ref_masks[1:]
-                        batch.targets[n] = parts[1]
+                        ref_masks, batch.targets[n] = parts
                 batch.ref_ids.append([r for r, _ in refs])
                 masks.append(torch.stack(ref_masks))
             batch.ref_masks = torch.stack(masks)
@@ -190,14 +189,16 @@ class TaskSampler:
         names = self.classes_by_dataset[other]
         return self._slice_with(names[self.rng.integers(len(names))], other)
 
-    def _matching_parts(self, query: int, value: int, reference: tuple[int, int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """One part of a class that comes in several (two lungs, two kidneys): the same part, counted from
-        the image's left, marked on the reference and expected on the query. None if the counts differ."""
-        query_parts, reference_parts = mask_parts(self.bank, query, value), mask_parts(self.bank, *reference)
-        if len(query_parts) < 2 or len(query_parts) != len(reference_parts):
+    def _matching_parts(self, query: int, value: int, references: list[tuple[int, int]]
+                        ) -> Optional[tuple[list[torch.Tensor], torch.Tensor]]:
+        """One part of a class that comes in several (two lungs, two kidneys): the same part, counted from the
+        image's left, marked on every reference and expected on the query. None if any count differs."""
+        query_parts = mask_parts(self.bank, query, value)
+        reference_parts = [mask_parts(self.bank, *reference) for reference in references]
+        if len(query_parts) < 2 or any(len(parts) != len(query_parts) for parts in reference_parts):
             return None
         k = int(self.rng.integers(len(query_parts)))
-        return reference_parts[k], query_parts[k]
+        return [parts[k] for parts in reference_parts], query_parts[k]
 
     def _slice_with(self, name: str, dataset: str) -> tuple[int, int]:
         candidates = [(i, v) for i, v in self.bank.by_class[name] if self.bank.records[i].dataset == dataset]
