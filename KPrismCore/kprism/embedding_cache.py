@@ -35,6 +35,7 @@ from .user_cache import user_cache_dir
 CACHE_ENV = "KPRISM_EMBEDDING_CACHE"
 KEY_VERSION = "kprism-embedding/1"
 STORED_DTYPE = torch.float16  # halves the disk; rounding (≤ 5e-4 on values ≲ 1) is far below the fp16-weights effect
+RECIPES = ("fp32", "bf16")  # how the encoder runs: float32, or bfloat16 autocast (1.6× faster on a CPU, ~0.1 off)
 
 
 def default_cache_root() -> Path:
@@ -70,6 +71,8 @@ class EmbeddingCache:
         recipe: str = "fp32",
         batch_size: int = 1,
     ):
+        if recipe not in RECIPES:
+            raise ValueError(f"Unknown encoder recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
         if not encoder_id:
             raise ValueError("EmbeddingCache needs the encoder's tensor hash as encoder_id (its weights file records it).")
         unknown = sorted(set(stages) - set(range(len(encoder.config.widths))))
@@ -78,7 +81,7 @@ class EmbeddingCache:
         self.encoder = encoder.eval()
         # Entries are float16, so the fast float32 form (≤ 5e-6 away) stores the same numbers in 60 % of the time.
         # It is a copy: the encoder is frozen, later changes to its weights are not seen.
-        self._fast = fast_float32_encoder(encoder) if recipe == "fp32" else self.encoder
+        self._fast = fast_float32_encoder(encoder)  # folded batch norms, channels-last (autocast for bf16)
         self.encoder_id, self.recipe = encoder_id, recipe
         self.stages = tuple(sorted(set(stages)))
         self.batch_size = max(1, batch_size)
@@ -144,7 +147,8 @@ class EmbeddingCache:
     @torch.no_grad()
     def _encode(self, images: list[torch.Tensor], keys: list[str], infos: list[Mapping[str, str]]) -> list[CachedEmbedding]:
         batch = torch.stack([image.to(torch.float32) for image in images])
-        features = self._fast(batch.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe == "bf16"):
+            features = self._fast(batch.contiguous(memory_format=torch.channels_last))
         self.encoded += len(images)
         entries = []
         for b, (key, info) in enumerate(zip(keys, infos)):

@@ -181,3 +181,15 @@ def test_stretched_layout_gives_one_soft_tissue_input_per_ct_slice_filling_the_g
     assert not torch.equal(x, letterboxed[0].image)
     with pytest.raises(ValueError, match="Unknown encoder input layout"):
         next(encoder_training_slices(roots, layout="crop"))
+
+
+def test_a_bfloat16_recipe_is_its_own_entry_close_to_float32_and_an_unknown_recipe_is_refused(encoder, tmp_path):
+    image = images(1)[0]
+    exact = EmbeddingCache(encoder, "enc", root=tmp_path).get(image)
+    fast_cache = EmbeddingCache(encoder, "enc", root=tmp_path, recipe="bf16")
+    fast = fast_cache.get(image)
+    assert fast.key != exact.key and fast_cache.encoded == 1  # never a float32 entry read back as bfloat16
+    a, b = exact.embedding.float().flatten(), fast.embedding.float().flatten()
+    assert torch.cosine_similarity(a, b, dim=0) > 0.99 and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="Unknown encoder recipe 'int8'"):
+        EmbeddingCache(encoder, "enc", root=tmp_path, recipe="int8")

@@ -52,10 +52,11 @@ class FoundationEncoder(nn.Module):
         self.down16 = nn.Conv2d(c8, d, 3, 2, 1)
         self.context = GlobalContext(d, config.decoder_heads)
         self.disk_cache = None  # an EmbeddingCache once use_disk_cache is called; not part of the weights
+        self.recipe = "fp32"  # or "bf16": the encoder under bfloat16 autocast (CPU; benchmarks/encoder_precision.md)
         self._fast: list[TinyViT] = []  # the folded channels-last copy inference runs (a list: not a submodule)
         self.register_load_state_dict_post_hook(lambda module, keys: module._fast.clear())  # new weights: rebuild it
 
-    def use_disk_cache(self, root=None):
+    def use_disk_cache(self, root=None, recipe: str = "fp32"):
         """Read and store TinyViT embeddings in the on-disk cache (keyed by the exact encoder input); returns it.
 
         `root` defaults to $KPRISM_EMBEDDING_CACHE or the kprism user cache. Entries hold float16 (the numbers
@@ -64,7 +65,8 @@ class FoundationEncoder(nn.Module):
         from ..embedding_cache import EmbeddingCache
         from ..encoder_weights import encoder_id
 
-        self.disk_cache = EmbeddingCache(self.vit, encoder_id(self.vit), root=root)
+        self.disk_cache = EmbeddingCache(self.vit, encoder_id(self.vit), root=root, recipe=recipe)
+        self.recipe = recipe
         return self.disk_cache
 
     def train(self, mode: bool = True) -> "FoundationEncoder":
@@ -82,7 +84,9 @@ class FoundationEncoder(nn.Module):
         with torch.no_grad():
             inputs = foundation_input(images)
             if self.disk_cache is None:
-                return self._fast_vit()(inputs.contiguous(memory_format=torch.channels_last)).embedding
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe == "bf16"):
+                    embedding = self._fast_vit()(inputs.contiguous(memory_format=torch.channels_last)).embedding
+                return embedding.float()
             entries = self.disk_cache.get_many(list(inputs))
             return torch.stack([entry.embedding for entry in entries]).to(device=images.device, dtype=torch.float32)
 
