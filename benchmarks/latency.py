@@ -318,7 +318,7 @@ def markdown(result: dict, image_side: int) -> list[str]:
     checks = target_checks(result)
     machine = result["machine"]
     lines = [
-        "# KPrismSession latency (`tiny` preset, CPU)",
+        f"# KPrismSession latency (`{Path(result.get('model') or 'kprism-tiny').stem}`, CPU)",
         "",
         f"{machine['cores']} cores, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"{image_side}×{image_side} source image, {result['click_ms']['n']} clicks in sequences of ≤ 10, "
@@ -346,7 +346,8 @@ def markdown(result: dict, image_side: int) -> list[str]:
                   f"{v['classes']} classes into one label map ({v['engine'].replace('_', '-')} engine, {v['classes_found']} classes found): "
                   f"**{v['seconds']:.1f} s**, peak RSS **{v['peak_rss_mb']:.0f} MB** (its own process). "
                   f"Target ≤ 30 s and ≤ 2048 MB: {'met' if met else 'NOT met'}."]
-    lines += ["", "Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py --peers --volume`"]
+    model = f" --model {result['model']}" if result.get("model") else ""
+    lines += ["", f"Reproduce: `OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/latency.py{model} --peers --volume`"]
     return lines
 
 
@@ -424,6 +425,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]  # other processes on a shared machine move every figure: say how busy it was
 
     result = measure(args.model, args.threads, args.image_side, args.clicks, args.encodes)
+    result["model"] = args.model
     result.update(measure_volume_clicks(args.model, args.threads, args.volume_clicks_per_slice, args.volume_rounds))
     if args.peers:
         result["peers"] = measure_peers(args.image_side, min(args.clicks, 100))
