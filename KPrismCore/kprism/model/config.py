@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from .checked_dict import from_checked_dict
 from .tiny_vit import LITE_MEDSAM
 
 _LITE_MEDSAM_JSON = LITE_MEDSAM.to_json()
@@ -42,12 +43,7 @@ class KPrismConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "KPrismConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}.")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
+        return from_checked_dict(cls, values, "model")
 
 
 PRESETS: dict[str, KPrismConfig] = {

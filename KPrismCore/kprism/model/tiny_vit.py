@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checked_dict import from_checked_dict
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,7 @@ class TinyViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TinyViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown TinyViT config keys {sorted(unknown)}; known keys: {sorted(known)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return from_checked_dict(cls, values, "TinyViT")
 
 
 LITE_MEDSAM = TinyViTConfig()
