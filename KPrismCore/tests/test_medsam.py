@@ -153,6 +153,15 @@ def test_a_loaded_model_reads_a_slice_seen_before_from_disk_under_the_training_f
     monkeypatch.setenv("KPRISM_EMBEDDING_CACHE", "off")
     assert load_model(path)[0].encoder.disk_cache is None
 
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("KPRISM_EMBEDDING_CACHE", str(blocked))
+    unwritable, _, _ = load_model(path)
+    with pytest.warns(RuntimeWarning, match="cannot be written"), torch.no_grad():
+        logits = unwritable(images, prompts).logits  # the segmentation still runs, without the disk cache
+    assert unwritable.encoder.disk_cache is None
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
+
 
 def _metadata(path) -> dict[str, str]:
     from safetensors import safe_open

@@ -20,6 +20,7 @@ case, a rerun, a slice trained on — cost a file read instead of seconds of enc
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,14 @@ class FoundationEncoder(nn.Module):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe == "bf16"):
                     embedding = self._fast_vit()(inputs.contiguous(memory_format=torch.channels_last)).embedding
                 return embedding.float()
-            entries = self.disk_cache.get_many(list(inputs))
+            try:
+                entries = self.disk_cache.get_many(list(inputs))
+            except OSError as error:  # a full disk or an unwritable cache folder must not stop a segmentation
+                warnings.warn(f"The embedding cache {self.disk_cache.root} cannot be written ({error}); encoding without "
+                              "it from now on. Set KPRISM_EMBEDDING_CACHE to a writable folder, or to 'off'.",
+                              RuntimeWarning, stacklevel=2)
+                self.disk_cache = None
+                return self.embed(images)
             return torch.stack([entry.embedding for entry in entries]).to(device=images.device, dtype=torch.float32)
 
     def _fast_vit(self) -> TinyViT:
